@@ -1,0 +1,535 @@
+"""The `p2pvc` command line.
+
+Commands print results on stdout (JSON with --json) and progress and errors
+on stderr. Every expected failure prints one `error:` line, an optional
+`hint:` line, and exits with the code of its category (see docs/cli.md):
+0 ok, 1 unexpected, 2 bad usage, 3 user error, 4 conflict, 5 corruption,
+6 local storage, 7 bad signature, 8 peer.
+
+Networking code is never imported by commands that do not use the network.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from p2pvc.cli import output
+from p2pvc.errors import P2pvcError, UserError
+
+app = typer.Typer(
+    name="p2pvc",
+    help="Peer-to-peer version control for ML code, checkpoints and datasets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+branch_app = typer.Typer(help="List, create or delete branches.", no_args_is_help=False)
+
+_state: dict[str, object] = {"dir": None}
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+@app.callback()
+def _main(
+    directory: Annotated[
+        Optional[Path], typer.Option("-C", help="Run as if started in this folder.", show_default=False)
+    ] = None,
+) -> None:
+    _state["dir"] = directory
+
+
+def _cwd() -> Path:
+    return Path(_state["dir"] or os.getcwd())  # type: ignore[arg-type]
+
+
+def _open():
+    from p2pvc.repo import Repository
+
+    return Repository.discover(_cwd())
+
+
+def _progress():
+    return output.TerminalProgress()
+
+
+def _parse_meta(items: list[str] | None) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"invalid --meta {item!r}", hint="write it as KEY=VALUE, e.g. --meta step=12000")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def _hex(oid: bytes | None) -> str | None:
+    return oid.hex() if oid is not None else None
+
+
+# Setup ----------------------------------------------------------------------------
+
+
+@app.command()
+def init(
+    directory: Annotated[Optional[Path], typer.Argument(help="Folder to turn into a repository (default: current).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a repository, and your signing identity if you have none."""
+    from p2pvc.repo import Repository
+
+    path = (directory or _cwd()).absolute()
+    repo = Repository.init(path)
+    if as_json:
+        output.emit_json({"path": str(path), "repository": repo.id.hex(), "branch": "main"})
+    else:
+        typer.echo(f"Initialized p2pvc repository {repo.id.hex()[:12]} in {path / '.p2pvc'}")
+        typer.echo(f"Signing as {repo.identity.fingerprint} (p2pvc id shows your full key)")
+
+
+@app.command("id")
+def show_id(as_json: JsonOption = False) -> None:
+    """Show your public key and its fingerprint (creates the key on first use)."""
+    from p2pvc.identity.keys import KEY_FILE_NAME, home_dir, load_or_create
+
+    identity = load_or_create()
+    key_path = home_dir() / KEY_FILE_NAME
+    if as_json:
+        output.emit_json(
+            {"public_key": identity.public_key.hex(), "fingerprint": identity.fingerprint, "key_file": str(key_path)}
+        )
+    else:
+        typer.echo(f"public key:  {identity.public_key.hex()}")
+        typer.echo(f"fingerprint: {identity.fingerprint}")
+        typer.echo(f"key file:    {key_path}")
+
+
+# Working tree ---------------------------------------------------------------------------
+
+
+@app.command()
+def status(as_json: JsonOption = False) -> None:
+    """Show what changed in the working tree since HEAD."""
+    from p2pvc.ops.worktree_ops import status as run_status
+
+    repo = _open()
+    result = run_status(repo, _progress())
+    if as_json:
+        output.emit_json(
+            {
+                "ref": result.ref,
+                "head": _hex(result.head),
+                "changes": [_change_json(c) for c in result.changes],
+                "skipped": [{"path": output.path_text(p), "reason": r} for p, r in result.skipped],
+                "conflicted_refs": result.conflicted_refs,
+            }
+        )
+        return
+    where = result.ref.removeprefix("refs/heads/") if result.ref else "detached HEAD"
+    typer.echo(f"On {where}" + (f" at {result.head.hex()[:12]}" if result.head else " (no commits yet)"))
+    for name in result.conflicted_refs:
+        typer.echo(f"CONFLICT: {name} has divergent heads (p2pvc conflicts)")
+    if not result.changes:
+        typer.echo("Nothing changed.")
+    for change in result.changes:
+        typer.echo(f"  {change.status:<9} {output.path_text(change.path)}")
+    for path, reason in result.skipped:
+        typer.echo(f"  skipped   {output.path_text(path)}: {reason}", err=True)
+
+
+def _change_json(change) -> dict:
+    def side(entry):
+        if entry is None:
+            return None
+        from p2pvc.objects.model import ENTRY_KIND_NAMES, ENTRY_SYMLINK
+
+        kind, executable, target, size = entry
+        value = {"kind": ENTRY_KIND_NAMES[kind], "size": size, "executable": executable}
+        if kind == ENTRY_SYMLINK:
+            value["link_target"] = output.path_text(target)
+        elif target:
+            value["id"] = target.hex()
+        return value
+
+    return {"path": output.path_text(change.path), "status": change.status, "old": side(change.old), "new": side(change.new)}
+
+
+@app.command()
+def add(
+    paths: Annotated[list[str], typer.Argument(help="Files or folders to store now.")],
+) -> None:
+    """Store the content of paths now, so the next commit only has to record them."""
+    from p2pvc.ops.worktree_ops import add as run_add
+
+    repo = _open()
+    result = run_add(repo, paths, _progress())
+    typer.echo(f"Stored {result.files} file(s): read {result.files_read}, {output.human_bytes(result.new_bytes)} new")
+
+
+@app.command()
+def commit(
+    message: Annotated[str, typer.Option("-m", "--message", help="Commit message.")],
+    meta: Annotated[
+        Optional[list[str]], typer.Option("--meta", help="Metadata KEY=VALUE, repeatable (e.g. step=12000).")
+    ] = None,
+    allow_empty: Annotated[bool, typer.Option(help="Commit even if nothing changed.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Record a signed snapshot of the whole working tree (minus .p2pvcignore rules)."""
+    from p2pvc.ops.worktree_ops import commit as run_commit
+
+    repo = _open()
+    result = run_commit(repo, message, _parse_meta(meta), allow_empty=allow_empty, progress=_progress())
+    if as_json:
+        output.emit_json(
+            {
+                "id": result.id.hex(),
+                "ref": result.ref,
+                "parents": [p.hex() for p in result.parents],
+                "files": result.files,
+                "logical_bytes": result.logical_bytes,
+                "new_bytes": result.new_bytes,
+                "files_read": result.files_read,
+                "changes": [_change_json(c) for c in result.changes],
+            }
+        )
+        return
+    where = result.ref.removeprefix("refs/heads/") if result.ref else "detached HEAD"
+    typer.echo(
+        f"[{where} {result.id.hex()[:12]}] {message.splitlines()[0] if message else ''}\n"
+        f" {len(result.changes)} change(s), {result.files} file(s), {output.human_bytes(result.logical_bytes)}; "
+        f"{output.human_bytes(result.new_bytes)} new after dedupe"
+    )
+
+
+@app.command()
+def checkout(
+    rev: Annotated[str, typer.Argument(help="Branch, tag or commit id.")],
+    force: Annotated[bool, typer.Option("--force", "-f", help="Discard uncommitted changes in the way.")] = False,
+) -> None:
+    """Make the working tree match a revision (rollback to any version). Alias: switch."""
+    from p2pvc.ops.worktree_ops import checkout as run_checkout
+
+    repo = _open()
+    result = run_checkout(repo, rev, force=force, progress=_progress())
+    where = f"branch {result.ref.removeprefix('refs/heads/')}" if result.ref else f"detached HEAD at {rev}"
+    applied = result.applied
+    typer.echo(
+        f"Switched to {where} ({result.commit.hex()[:12]}): wrote {applied.files_written} file(s), "
+        f"{output.human_bytes(applied.bytes_written)}, removed {applied.removed}"
+    )
+    for folder in applied.kept_folders:
+        typer.echo(f"kept folder {output.path_text(folder)}: it contains untracked files", err=True)
+
+
+app.command("switch", help="Same as checkout.")(checkout)
+
+
+@app.command()
+def restore(
+    paths: Annotated[list[str], typer.Argument(help="Files or folders to restore.")],
+    source: Annotated[str, typer.Option("--source", "-s", help="Revision to take them from.")] = "HEAD",
+) -> None:
+    """Overwrite paths in the working tree with their version from a revision."""
+    from p2pvc.ops.worktree_ops import restore as run_restore
+
+    repo = _open()
+    applied = run_restore(repo, paths, source, _progress())
+    typer.echo(f"Restored {applied.files_written} file(s), {output.human_bytes(applied.bytes_written)} from {source}")
+
+
+# History --------------------------------------------------------------------------------
+
+
+def _commit_json(info, refs: list[str] | None = None) -> dict:
+    from p2pvc.identity.keys import fingerprint
+
+    c = info.commit
+    return {
+        "id": info.id.hex(),
+        "tree": c.tree.hex(),
+        "parents": [p.hex() for p in c.parents],
+        "author": c.author.hex(),
+        "author_fingerprint": fingerprint(c.author),
+        "time_ms": c.time_ms,
+        "message": c.message,
+        "metadata": dict(c.metadata),
+        "signature_valid": info.signature_ok,
+        "refs": refs or [],
+    }
+
+
+def _format_time(ms: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _print_commit(info, refs: list[str]) -> None:
+    from p2pvc.identity.keys import fingerprint
+
+    c = info.commit
+    names = ", ".join(r.removeprefix("refs/heads/").removeprefix("refs/tags/") for r in refs)
+    mark = "" if info.signature_ok else "  [BAD SIGNATURE]"
+    typer.echo(f"commit {info.id.hex()}" + (f" ({names})" if names else "") + mark)
+    typer.echo(f"Author: {fingerprint(c.author)}")
+    typer.echo(f"Date:   {_format_time(c.time_ms)}")
+    if c.metadata:
+        typer.echo("Meta:   " + " ".join(f"{k}={v}" for k, v in c.metadata))
+    typer.echo("")
+    for line in c.message.splitlines() or [""]:
+        typer.echo(f"    {line}")
+    typer.echo("")
+
+
+@app.command()
+def log(
+    revs: Annotated[Optional[list[str]], typer.Argument(help="Revisions to start from (default HEAD).")] = None,
+    limit: Annotated[Optional[int], typer.Option("-n", "--max-count", help="Show at most this many commits.")] = None,
+    meta: Annotated[
+        Optional[list[str]], typer.Option("--meta", help="Only commits with this metadata KEY=VALUE, repeatable.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show commit history, newest first; commits whose signature fails are marked."""
+    from p2pvc.ops.history import log as run_log
+    from p2pvc.ops.history import ref_names_by_commit
+
+    repo = _open()
+    infos = run_log(repo, revs, limit=limit, meta_filters=_parse_meta(meta))
+    names = ref_names_by_commit(repo)
+    if as_json:
+        output.emit_json([_commit_json(i, names.get(i.id)) for i in infos])
+        return
+    for info in infos:
+        _print_commit(info, names.get(info.id, []))
+
+
+@app.command()
+def show(
+    rev: Annotated[str, typer.Argument(help="Revision to show.")] = "HEAD",
+    as_json: JsonOption = False,
+) -> None:
+    """Show one commit: message, metadata, signature state and changed files."""
+    from p2pvc.ops.history import diff as run_diff
+    from p2pvc.ops.history import ref_names_by_commit
+
+    repo = _open()
+    oid = repo.resolve(rev)
+    info = repo.read_commit(oid)
+    parent = info.commit.parents[0].hex() if info.commit.parents else None
+    changes = run_diff(repo, parent, oid.hex()) if parent else None
+    names = ref_names_by_commit(repo).get(oid, [])
+    if as_json:
+        value = _commit_json(info, names)
+        value["changes"] = [dict(_change_json(e.change), new_bytes=e.new_bytes) for e in changes.entries] if changes else []
+        output.emit_json(value)
+        return
+    _print_commit(info, names)
+    if changes:
+        _print_diff(changes)
+
+
+def _print_diff(result) -> None:
+    for entry in result.entries:
+        c = entry.change
+        old_size = output.human_bytes(c.old[3]) if c.old else "-"
+        new_size = output.human_bytes(c.new[3]) if c.new else "-"
+        typer.echo(
+            f"  {c.status:<9} {output.path_text(c.path)}  {old_size} -> {new_size}"
+            + (f", {output.human_bytes(entry.new_bytes)} new" if c.new else "")
+        )
+    typer.echo(f"{len(result.entries)} path(s) changed, {output.human_bytes(result.new_bytes)} new after dedupe")
+
+
+@app.command()
+def diff(
+    old: Annotated[Optional[str], typer.Argument(help="Old revision (default HEAD).")] = None,
+    new: Annotated[Optional[str], typer.Argument(help="New revision (default: the working tree).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List files added, removed and modified between two revisions, or a revision and the working tree."""
+    from p2pvc.ops.history import diff as run_diff
+
+    repo = _open()
+    result = run_diff(repo, old, new, _progress())
+    if as_json:
+        output.emit_json(
+            {
+                "old": result.old_label,
+                "new": result.new_label,
+                "new_bytes": result.new_bytes,
+                "changes": [dict(_change_json(e.change), new_bytes=e.new_bytes) for e in result.entries],
+            }
+        )
+        return
+    typer.echo(f"{result.old_label} -> {result.new_label}")
+    _print_diff(result)
+
+
+@branch_app.callback(invoke_without_command=True)
+def branch(
+    ctx: typer.Context,
+    name: Annotated[Optional[str], typer.Argument(help="Branch to create (lists branches when omitted).")] = None,
+    rev: Annotated[str, typer.Argument(help="Where the new branch starts.")] = "HEAD",
+    delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the named branch.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """List branches, create one at a revision, or delete one."""
+    from p2pvc.ops.history import create_branch, delete_branch
+
+    repo = _open()
+    if name is None:
+        _list_refs(repo, "refs/heads/", as_json)
+    elif delete:
+        delete_branch(repo, name)
+        typer.echo(f"Deleted branch {name}")
+    else:
+        target = create_branch(repo, name, rev)
+        typer.echo(f"Created branch {name} at {target.hex()[:12]}")
+
+
+app.add_typer(branch_app, name="branch")
+
+
+@app.command()
+def tag(
+    name: Annotated[Optional[str], typer.Argument(help="Tag to create, e.g. v1.2.3 (lists tags when omitted).")] = None,
+    rev: Annotated[str, typer.Argument(help="Commit to tag.")] = "HEAD",
+    as_json: JsonOption = False,
+) -> None:
+    """List tags or create one; a tag never moves once created."""
+    from p2pvc.ops.history import create_tag
+
+    repo = _open()
+    if name is None:
+        _list_refs(repo, "refs/tags/", as_json)
+        return
+    target = create_tag(repo, name, rev)
+    typer.echo(f"Tagged {target.hex()[:12]} as {name}")
+
+
+def _list_refs(repo, prefix: str, as_json: bool) -> None:
+    head_ref, _ = repo.head()
+    states = repo.ref_states(prefix)
+    if as_json:
+        output.emit_json(
+            [
+                {
+                    "name": s.name.removeprefix(prefix),
+                    "ref": s.name,
+                    "target": _hex(s.target),
+                    "current": s.name == head_ref,
+                    "conflicted": s.conflicted,
+                    "heads": [_hex(h.target) for h in s.heads],
+                }
+                for s in states
+            ]
+        )
+        return
+    for s in states:
+        mark = "*" if s.name == head_ref else " "
+        flag = "  CONFLICT" if s.conflicted else ""
+        typer.echo(f"{mark} {s.name.removeprefix(prefix):<30} {s.target.hex()[:12] if s.target else '-'}{flag}")
+
+
+# Maintenance -----------------------------------------------------------------------------
+
+
+@app.command()
+def fsck(as_json: JsonOption = False) -> None:
+    """Rehash every stored object and verify every signature; name anything corrupt."""
+    from p2pvc.ops.maintenance import fsck as run_fsck
+
+    repo = _open()
+    report = run_fsck(repo, _progress())
+    if as_json:
+        output.emit_json(
+            {
+                "ok": report.ok,
+                "objects_checked": report.objects_checked,
+                "bytes_checked": report.bytes_checked,
+                "commits": report.commits,
+                "ref_updates": report.ref_updates,
+                "problems": [p.__dict__ for p in report.problems],
+            }
+        )
+    else:
+        for p in report.problems:
+            typer.echo(f"{p.kind} {p.object}: {p.message}")
+            if p.expected is not None or p.actual is not None:
+                typer.echo(f"  expected {p.expected}\n  actual   {p.actual}")
+        typer.echo(
+            f"checked {report.objects_checked} object(s), {output.human_bytes(report.bytes_checked)}, "
+            f"{report.commits} commit(s), {report.ref_updates} ref update(s): "
+            + ("no problems" if report.ok else f"{len(report.problems)} problem(s)")
+        )
+    if not report.ok:
+        raise typer.Exit(5)
+
+
+@app.command()
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be removed.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove stored data that no ref reaches."""
+    from p2pvc.ops.maintenance import gc as run_gc
+
+    repo = _open()
+    report = run_gc(repo, dry_run=dry_run, progress=_progress())
+    if as_json:
+        output.emit_json(report.__dict__)
+        return
+    verb = "would remove" if dry_run else "removed"
+    typer.echo(
+        f"{report.reachable} reachable object(s); {verb} {report.removed_objects} object(s), "
+        f"{output.human_bytes(report.freed_bytes)}, rewrote {report.packs_rewritten} pack(s), "
+        f"{report.orphan_packs_removed} orphan pack(s)"
+    )
+
+
+@app.command()
+def stats(as_json: JsonOption = False) -> None:
+    """Show storage figures: logical size, stored size, dedupe and compression ratios."""
+    from p2pvc.ops.maintenance import storage_summary
+
+    repo = _open()
+    s = storage_summary(repo)
+    if as_json:
+        value = dict(s.__dict__)
+        value["dedupe_ratio"] = s.dedupe_ratio
+        value["compression_ratio"] = s.compression_ratio
+        output.emit_json(value)
+        return
+    typer.echo(f"commits:             {s.commits}")
+    typer.echo(f"HEAD files:          {output.human_bytes(s.head_logical_bytes)}")
+    typer.echo(f"all versions:        {output.human_bytes(s.history_logical_bytes)} (every commit counted in full)")
+    typer.echo(f"unique chunks:       {output.human_bytes(s.unique_chunk_bytes)} in {s.chunks} chunk(s)")
+    typer.echo(f"stored:              {output.human_bytes(s.pack_bytes)} in packs")
+    typer.echo(f"dedupe ratio:        {s.dedupe_ratio:.2f}x")
+    typer.echo(f"compression ratio:   {s.compression_ratio:.2f}x")
+
+
+def run() -> None:
+    """Console-script entry point: map expected errors to one line and an exit code."""
+    try:
+        app()
+    except P2pvcError as exc:
+        output.print_error(exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

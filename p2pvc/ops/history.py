@@ -1,0 +1,151 @@
+"""Commands that read history: log, show, diff, refs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from p2pvc.errors import UserError
+from p2pvc.objects import model
+from p2pvc.objects.model import ENTRY_FILE
+from p2pvc.progress import NULL_PROGRESS, Progress
+from p2pvc.refs.records import BRANCH_PREFIX, TAG_PREFIX, is_valid_short_name
+from p2pvc.repo import CommitInfo, Repository
+from p2pvc.worktree.changes import Change, compare, state_of
+from p2pvc.worktree.ingest import Ingester
+from p2pvc.worktree.scan import scan
+from p2pvc.worktree.snapshot import bytes_to_read, capture
+from p2pvc.worktree.statcache import StatCache
+from p2pvc.worktree.trees import FlatTree, flatten
+
+
+def log(
+    repo: Repository,
+    revs: list[str] | None = None,
+    *,
+    limit: int | None = None,
+    meta_filters: dict[str, str] | None = None,
+) -> list[CommitInfo]:
+    starts = [repo.resolve(r) for r in (revs or ["HEAD"])]
+    result = []
+    for info in repo.walk_commits(starts):
+        if meta_filters:
+            metadata = dict(info.commit.metadata)
+            if any(metadata.get(k) != v for k, v in meta_filters.items()):
+                continue
+        result.append(info)
+        if limit is not None and len(result) >= limit:
+            break
+    return result
+
+
+def ref_names_by_commit(repo: Repository) -> dict[bytes, list[str]]:
+    names: dict[bytes, list[str]] = {}
+    for state in repo.ref_states():
+        if state.target is not None:
+            names.setdefault(state.target, []).append(state.name)
+    return names
+
+
+@dataclass
+class DiffEntry:
+    change: Change
+    new_bytes: int  # bytes of the new version's chunks that the old side does not have
+
+
+@dataclass
+class Diff:
+    old_label: str
+    new_label: str
+    entries: list[DiffEntry]
+
+    @property
+    def new_bytes(self) -> int:
+        return sum(e.new_bytes for e in self.entries)
+
+
+def diff(repo: Repository, old: str | None, new: str | None, progress: Progress = NULL_PROGRESS) -> Diff:
+    """Compare two revisions, or a revision (default HEAD) and the working tree when `new` is None."""
+    old_rev = old or "HEAD"
+    old_flat = _tree_of(repo, old_rev)
+    old_chunks = _chunk_ids(repo, old_flat)
+    if new is not None:
+        new_flat = _tree_of(repo, new)
+        new_state = state_of(new_flat)
+        manifests: dict[bytes, model.Manifest] = {}
+    else:
+        with repo.lock():
+            scanned = scan(repo.worktree)
+            cache = StatCache(repo.db)
+            progress.start("hashing", bytes_to_read(scanned, cache))
+            try:
+                with Ingester(None, progress=progress.advance) as ingester:
+                    captured = capture(repo.worktree, scanned, old_flat, repo.store, cache, ingester, None)
+            finally:
+                progress.finish()
+        new_state = captured.flat
+        manifests = captured.manifests
+    entries = []
+    for change in compare(state_of(old_flat), new_state):
+        new_bytes = 0
+        if change.new is not None and change.new[0] == ENTRY_FILE:
+            manifest = manifests.get(change.path) or repo.read_manifest(change.new[2])
+            new_bytes = sum(c.size for c in {c.id: c for c in manifest.chunks}.values() if c.id not in old_chunks)
+        entries.append(DiffEntry(change, new_bytes))
+    return Diff(old_rev, new or "working tree", entries)
+
+
+def _tree_of(repo: Repository, rev: str) -> FlatTree:
+    ref, head = repo.head()
+    if rev in ("HEAD", "@") and head is None:
+        return {}
+    return flatten(repo.read_tree, repo.read_commit(repo.resolve(rev)).commit.tree)
+
+
+def _chunk_ids(repo: Repository, flat: FlatTree) -> set[bytes]:
+    ids: set[bytes] = set()
+    for entry in flat.values():
+        if entry.kind == ENTRY_FILE:
+            ids.update(c.id for c in repo.read_manifest(entry.target).chunks)
+    return ids
+
+
+# Branches and tags ------------------------------------------------------------
+
+
+def _checked_short_name(kind: str, name: str) -> str:
+    if not is_valid_short_name(name):
+        raise UserError(
+            f"invalid {kind} name {name!r}",
+            hint="use letters, digits and . _ - + @ =, with / between parts, not starting with . or -",
+        )
+    return name
+
+
+def create_branch(repo: Repository, name: str, rev: str = "HEAD") -> bytes:
+    full = BRANCH_PREFIX + _checked_short_name("branch", name)
+    state = repo.ref_state(full)
+    if state is not None and not state.deleted:
+        raise UserError(f"branch {name} already exists", hint=f"switch to it with: p2pvc switch {name}")
+    target = repo.resolve(rev)
+    repo.set_ref(full, target, expected=None)
+    return target
+
+
+def delete_branch(repo: Repository, name: str) -> None:
+    full = BRANCH_PREFIX + name
+    state = repo.ref_state(full)
+    if state is None or state.deleted:
+        raise UserError(f"branch {name} does not exist")
+    if repo.head()[0] == full:
+        raise UserError(f"cannot delete branch {name}: it is checked out", hint="switch to another branch first")
+    repo.set_ref(full, None, expected=state.target)
+
+
+def create_tag(repo: Repository, name: str, rev: str = "HEAD") -> bytes:
+    full = TAG_PREFIX + _checked_short_name("tag", name)
+    state = repo.ref_state(full)
+    if state is not None and not state.deleted:
+        raise UserError(f"tag {name} already exists and tags never move", hint="choose a new tag name")
+    target = repo.resolve(rev)
+    repo.set_ref(full, target, expected=None)
+    return target

@@ -1,0 +1,233 @@
+"""Commands that read or change the working tree: commit, add, status, checkout, restore."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from p2pvc.errors import UserError
+from p2pvc.objects import model
+from p2pvc.progress import NULL_PROGRESS, Progress
+from p2pvc.refs.records import BRANCH_PREFIX
+from p2pvc.repo import Repository
+from p2pvc.worktree import checkout as co
+from p2pvc.worktree.changes import Change, compare, state_of
+from p2pvc.worktree.ingest import Ingester
+from p2pvc.worktree.scan import ScanResult, scan
+from p2pvc.worktree.snapshot import Capture, bytes_to_read, capture
+from p2pvc.worktree.statcache import StatCache
+from p2pvc.worktree.trees import FlatTree, build, flatten
+
+
+def head_tree(repo: Repository) -> tuple[str | None, bytes | None, FlatTree]:
+    ref, head_id = repo.head()
+    if head_id is None:
+        return ref, None, {}
+    tree = repo.read_commit(head_id).commit.tree
+    return ref, head_id, flatten(repo.read_tree, tree)
+
+
+def commit_tree(repo: Repository, commit_id: bytes) -> FlatTree:
+    return flatten(repo.read_tree, repo.read_commit(commit_id).commit.tree)
+
+
+def _capture(
+    repo: Repository,
+    result: ScanResult,
+    previous: FlatTree,
+    *,
+    store_content: bool,
+    progress: Progress,
+    label: str,
+) -> Capture:
+    cache = StatCache(repo.db)
+    total = bytes_to_read(result, cache)
+    progress.start(label, total)
+    try:
+        with repo.store.session() as session, Ingester(session if store_content else None, progress=progress.advance) as ingester:
+            captured = capture(
+                repo.worktree, result, previous, repo.store, cache, ingester, session if store_content else None
+            )
+            if store_content:
+                captured.tree_id = build(captured.flat, session.put_object)
+        if store_content:
+            # Index rows are durable now (the session committed on exit), so the cache may name them.
+            cache.save(keep={p for p, e in result.entries.items() if e.kind == model.ENTRY_FILE})
+    finally:
+        progress.finish()
+    return captured
+
+
+@dataclass
+class CommitResult:
+    id: bytes
+    ref: str | None
+    parents: tuple[bytes, ...]
+    files: int
+    logical_bytes: int
+    new_bytes: int  # raw bytes of chunks this commit added to the store
+    files_read: int
+    changes: list[Change]
+
+
+def commit(
+    repo: Repository,
+    message: str,
+    metadata: dict[str, str] | None = None,
+    *,
+    allow_empty: bool = False,
+    progress: Progress = NULL_PROGRESS,
+) -> CommitResult:
+    metadata = dict(metadata or {})
+    for key, value in metadata.items():
+        model.check_metadata_item(key, value)
+    with repo.lock():
+        ref, head_id, head_flat = head_tree(repo)
+        scanned = scan(repo.worktree)
+        captured = _capture(repo, scanned, head_flat, store_content=True, progress=progress, label="storing")
+        changes = compare(state_of(head_flat), captured.flat)
+        if head_id is not None and not changes and not allow_empty:
+            raise UserError("nothing to commit: the working tree matches HEAD", hint="use --allow-empty to commit anyway")
+        unsigned = model.Commit(
+            tree=captured.tree_id,
+            parents=(head_id,) if head_id else (),
+            author=repo.identity.public_key,
+            time_ms=repo.clock(),
+            message=message,
+            metadata=tuple(sorted(metadata.items())),
+        )
+        signed = repo.sign_commit(unsigned)
+        with repo.store.session() as session:
+            commit_id = session.put_object(signed)
+        # Objects first, ref last: the ref never names anything that is not durable.
+        if ref is not None:
+            repo.set_ref(ref, commit_id, expected=head_id)
+        else:
+            repo.set_head(commit_id)
+    files = [s for s in captured.flat.values() if s[0] == model.ENTRY_FILE]
+    return CommitResult(
+        id=commit_id,
+        ref=ref,
+        parents=signed.parents,
+        files=len(files),
+        logical_bytes=sum(s[3] for s in files),
+        new_bytes=captured.new_bytes,
+        files_read=captured.files_read,
+        changes=changes,
+    )
+
+
+@dataclass
+class AddResult:
+    files: int
+    files_read: int
+    new_bytes: int
+
+
+def add(repo: Repository, paths: list[str], progress: Progress = NULL_PROGRESS) -> AddResult:
+    """Store the content of `paths` now, so the next commit only records it."""
+    rel = [relative_path(repo, p) for p in paths]
+    with repo.lock():
+        _ref, _head, head_flat = head_tree(repo)
+        scanned = scan(repo.worktree, only=rel)
+        missing = [p for p in rel if p and p not in scanned.entries]
+        if missing:
+            raise UserError(f"path not found or ignored: {os.fsdecode(missing[0])}")
+        captured = _capture(repo, scanned, head_flat, store_content=True, progress=progress, label="storing")
+    files = sum(1 for e in scanned.entries.values() if e.kind == model.ENTRY_FILE)
+    return AddResult(files, captured.files_read, captured.new_bytes)
+
+
+@dataclass
+class Status:
+    ref: str | None
+    head: bytes | None
+    changes: list[Change]
+    skipped: list[tuple[bytes, str]] = field(default_factory=list)
+    conflicted_refs: list[str] = field(default_factory=list)
+
+
+def status(repo: Repository, progress: Progress = NULL_PROGRESS) -> Status:
+    with repo.lock():
+        ref, head_id, head_flat = head_tree(repo)
+        scanned = scan(repo.worktree)
+        captured = _capture(repo, scanned, head_flat, store_content=False, progress=progress, label="hashing")
+    changes = compare(state_of(head_flat), captured.flat)
+    conflicted = [s.name for s in repo.ref_states() if s.conflicted]
+    return Status(ref, head_id, changes, scanned.skipped, conflicted)
+
+
+@dataclass
+class CheckoutResult:
+    commit: bytes
+    ref: str | None  # branch now followed by HEAD, None when detached
+    applied: co.ApplyResult
+
+
+def checkout(repo: Repository, rev: str, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> CheckoutResult:
+    target_id = repo.resolve(rev)
+    branch = _branch_named(repo, rev)
+    with repo.lock():
+        _ref, _head_id, head_flat = head_tree(repo)
+        target_flat = commit_tree(repo, target_id)
+        scanned = scan(repo.worktree)
+        work = _capture(repo, scanned, head_flat, store_content=False, progress=progress, label="checking")
+        the_plan = co.plan(state_of(head_flat), work.flat, state_of(target_flat), force=force)
+        cache = StatCache(repo.db)
+        progress.start("writing", the_plan.write_bytes)
+        try:
+            applied = co.apply(repo.worktree, the_plan, repo.store, cache, progress.advance)
+        finally:
+            progress.finish()
+        cache.save()
+        repo.set_head(branch if branch else target_id)
+    return CheckoutResult(target_id, branch, applied)
+
+
+def restore(repo: Repository, paths: list[str], source: str = "HEAD", progress: Progress = NULL_PROGRESS) -> co.ApplyResult:
+    """Overwrite `paths` in the working tree with their version in `source`."""
+    source_id = repo.resolve(source)
+    rel = [relative_path(repo, p) for p in paths]
+    with repo.lock():
+        _ref, _head_id, head_flat = head_tree(repo)
+        source_flat = commit_tree(repo, source_id)
+        for path in rel:
+            if path and path not in source_flat:
+                raise UserError(f"{os.fsdecode(path)} does not exist in {source}")
+        scanned = scan(repo.worktree, only=[p for p in rel if p] or None)
+        work = _capture(repo, scanned, head_flat, store_content=False, progress=progress, label="checking")
+        the_plan = co.plan(state_of(head_flat), work.flat, state_of(source_flat), force=True, only=[p for p in rel if p] or None)
+        # Restore only brings back the source version: it removes nothing.
+        the_plan.removals = []
+        cache = StatCache(repo.db)
+        progress.start("writing", the_plan.write_bytes)
+        try:
+            applied = co.apply(repo.worktree, the_plan, repo.store, cache, progress.advance)
+        finally:
+            progress.finish()
+        cache.save()
+    return applied
+
+
+def _branch_named(repo: Repository, rev: str) -> str | None:
+    for name in (rev, BRANCH_PREFIX + rev):
+        if name.startswith(BRANCH_PREFIX):
+            state = repo.ref_state(name)
+            if state is not None and state.target is not None:
+                return name
+    return None
+
+
+def relative_path(repo: Repository, path: str) -> bytes:
+    """Turn a user-given path into a worktree-relative one; "" is the root."""
+    absolute = os.path.abspath(path)
+    root = os.path.abspath(repo.worktree)
+    rel = os.path.relpath(absolute, root)
+    if rel == ".":
+        return b""
+    if rel.startswith(".."):
+        raise UserError(f"{path} is outside the working tree {root}")
+    parts = rel.split(os.sep)
+    if parts[0] == ".p2pvc":
+        raise UserError(f"{path} is inside the repository folder")
+    return os.fsencode("/".join(parts))

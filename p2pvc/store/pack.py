@@ -1,0 +1,199 @@
+"""Append-only pack files.
+
+A pack is `PACK_MAGIC` followed by records. Each record is a fixed header
+(`RECORD_HEADER`: magic, kind, codec, raw size, stored size, id) and the
+stored bytes. Records are self-describing, so the index could be rebuilt
+from the packs alone, and a reader checks the header against the index
+entry before it trusts the bytes.
+
+Crash safety: a record becomes visible only when its index row is
+committed, and rows are committed only after the pack was fsynced. A crash
+leaves at most a torn tail past the indexed size; the next writer that
+reuses the pack truncates it, and gc drops it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2pvc.errors import CorruptionError, StorageError
+
+PACK_MAGIC = b"P2PVCPK\x01"
+RECORD_MAGIC = b"P2R1"
+RECORD_HEADER = struct.Struct("<4sBBxxQQ32s")  # magic, kind, codec, raw size, stored size, id
+KIND_CHUNK = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    kind: int
+    codec: int
+    raw_size: int
+    stored_size: int
+    id: bytes
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def storage_error(action: str, path: Path, exc: OSError) -> StorageError:
+    if exc.errno == errno.ENOSPC:
+        return StorageError(
+            f"disk full while {action} {path}; nothing was committed",
+            hint="free some space (p2pvc gc removes unreachable data) and run the command again",
+        )
+    return StorageError(f"{action} {path} failed: {exc.strerror or exc}")
+
+
+class PackAppender:
+    """Appends records to one pack, holding an exclusive flock on it so no
+    other process appends at the same time. Not thread-safe."""
+
+    def __init__(self, path: Path, pack_id: int, durable_size: int, *, new: bool) -> None:
+        self.path = path
+        self.pack_id = pack_id
+        try:
+            flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if new else 0)
+            self._fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise storage_error("opening pack", path, exc) from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise
+        try:
+            if new:
+                os.write(self._fd, PACK_MAGIC)
+                durable_size = len(PACK_MAGIC)
+            else:
+                # Drop a torn tail that a crashed writer left past the indexed size.
+                os.ftruncate(self._fd, durable_size)
+            os.lseek(self._fd, durable_size, os.SEEK_SET)
+        except OSError as exc:
+            self.close()
+            raise storage_error("preparing pack", path, exc) from exc
+        self.size = durable_size  # bytes written, durable or not
+        self._buffer = bytearray()
+
+    BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held before a write() call
+
+    def append(self, kind: int, codec: int, raw_size: int, oid: bytes, stored: bytes) -> int:
+        """Buffer one record; return its offset in the pack."""
+        offset = self.size
+        self._buffer += RECORD_HEADER.pack(RECORD_MAGIC, kind, codec, raw_size, len(stored), oid)
+        self._buffer += stored
+        self.size += RECORD_HEADER.size + len(stored)
+        if len(self._buffer) >= self.BUFFER_LIMIT:
+            self._write_buffer()
+        return offset
+
+    def _write_buffer(self) -> None:
+        view = memoryview(self._buffer)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            raise storage_error("writing pack", self.path, exc) from exc
+        finally:
+            view.release()
+        self._buffer.clear()
+
+    def sync(self) -> None:
+        """Make everything appended so far durable."""
+        self._write_buffer()
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise storage_error("syncing pack", self.path, exc) from exc
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # also releases the flock
+            self._fd = -1
+
+
+class PackReader:
+    """Reads records by offset. Keeps file descriptors open for reuse."""
+
+    MAX_OPEN = 64
+
+    def __init__(self, packs_dir: Path) -> None:
+        self.packs_dir = packs_dir
+        self._fds: dict[str, int] = {}
+
+    def read(self, pack_name: str, offset: int, expected_id: bytes, stored_size: int) -> tuple[RecordHeader, bytes]:
+        fd = self._fd(pack_name)
+        path = self.packs_dir / pack_name
+        try:
+            data = os.pread(fd, RECORD_HEADER.size + stored_size, offset)
+        except OSError as exc:
+            raise storage_error("reading pack", path, exc) from exc
+        if len(data) < RECORD_HEADER.size + stored_size:
+            raise CorruptionError(
+                f"pack {pack_name} is truncated at offset {offset}",
+                expected=str(RECORD_HEADER.size + stored_size),
+                actual=str(len(data)),
+            )
+        magic, kind, codec, raw_size, size, oid = RECORD_HEADER.unpack_from(data)
+        if magic != RECORD_MAGIC or oid != expected_id or size != stored_size:
+            raise CorruptionError(
+                f"pack {pack_name} has a damaged record header at offset {offset}",
+                expected=expected_id.hex(),
+                actual=oid.hex() if magic == RECORD_MAGIC else "no record",
+            )
+        return RecordHeader(kind, codec, raw_size, size, oid), data[RECORD_HEADER.size :]
+
+    def _fd(self, pack_name: str) -> int:
+        fd = self._fds.get(pack_name)
+        if fd is None:
+            if len(self._fds) >= self.MAX_OPEN:
+                self.close()
+            path = self.packs_dir / pack_name
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError as exc:
+                raise CorruptionError(f"pack {pack_name} is missing from {self.packs_dir}") from exc
+            except OSError as exc:
+                raise storage_error("opening pack", path, exc) from exc
+            self._fds[pack_name] = fd
+        return fd
+
+    def forget(self, pack_name: str) -> None:
+        fd = self._fds.pop(pack_name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def iter_records(path: Path):
+    """Yield (offset, header) for every whole record in a pack; stops at a torn tail."""
+    with open(path, "rb") as f:
+        if f.read(len(PACK_MAGIC)) != PACK_MAGIC:
+            raise CorruptionError(f"{path.name} is not a p2pvc pack")
+        offset = len(PACK_MAGIC)
+        while True:
+            head = f.read(RECORD_HEADER.size)
+            if len(head) < RECORD_HEADER.size:
+                return
+            magic, kind, codec, raw_size, size, oid = RECORD_HEADER.unpack(head)
+            if magic != RECORD_MAGIC:
+                return
+            yield offset, RecordHeader(kind, codec, raw_size, size, oid)
+            f.seek(size, os.SEEK_CUR)
+            offset += RECORD_HEADER.size + size

@@ -1,0 +1,290 @@
+"""Making the working tree match a tree: plan, then apply.
+
+Safety rules, in the order they are enforced:
+
+* Tree entry names were validated when the tree was decoded (no "/", "..",
+  NUL or ".p2pvc"), so a path can only go down.
+* Every file-system call is made relative to a directory descriptor opened
+  with O_NOFOLLOW, component by component from the root, so nothing is ever
+  read or written through a symlink, whatever the working tree contains.
+* Uncommitted work is never overwritten or deleted unless forced: the plan
+  lists every path whose working copy differs from HEAD and that the
+  checkout would change.
+* Each file is written to a temporary name, verified (every chunk against
+  its id, the total against the manifest size), then renamed into place,
+  so a crash leaves either the old or the new file under each name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from p2pvc.errors import ConflictError, CorruptionError, StorageError
+from p2pvc.objects import model
+from p2pvc.objects.chunker import MAX_CHUNK
+from p2pvc.objects.ids import chunk_id
+from p2pvc.objects.model import ENTRY_DIR, ENTRY_FILE, ENTRY_SYMLINK
+from p2pvc.store.objectstore import ObjectStore
+from p2pvc.worktree.ingest import FileStat
+from p2pvc.worktree.snapshot import FlatState
+from p2pvc.worktree.statcache import StatCache
+
+# A run of zeros cuts into MAX_CHUNK-sized chunks; writing them as holes keeps sparse files sparse.
+ZERO_CHUNK_ID = chunk_id(bytes(MAX_CHUNK))
+
+Entry = tuple[int, bool, bytes, int]  # kind, executable, target, size
+
+
+@dataclass
+class Plan:
+    writes: list[tuple[bytes, Entry]] = field(default_factory=list)  # parents before children
+    removals: list[bytes] = field(default_factory=list)  # children before parents
+    blocked: list[tuple[bytes, str]] = field(default_factory=list)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(e[3] for _, e in self.writes if e[0] == ENTRY_FILE)
+
+
+def _same(a: Entry | None, b: Entry | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if a[0] == ENTRY_DIR or b[0] == ENTRY_DIR:
+        return a[0] == b[0]
+    return a[:3] == b[:3]
+
+
+def plan(head: FlatState, work: FlatState, target: FlatState, *, force: bool, only: list[bytes] | None = None) -> Plan:
+    """Work out what to write and remove so that `work` becomes `target`.
+
+    `head` is what the working tree is supposed to contain; a working copy that
+    differs from it is uncommitted work and blocks the checkout unless forced.
+    With `only`, paths outside those prefixes are left alone (restore).
+    """
+    result = Plan()
+
+    def in_scope(path: bytes) -> bool:
+        return only is None or any(path == p or path.startswith(p + b"/") for p in only)
+
+    def dirty(path: bytes) -> bool:
+        return not _same(work.get(path), head.get(path))
+
+    for path in sorted(target):
+        if not in_scope(path):
+            continue
+        want, have = target[path], work.get(path)
+        if _same(want, have):
+            continue
+        if have is not None and dirty(path) and not force:
+            kind = "untracked" if path not in head else "modified"
+            result.blocked.append((path, f"{kind} in the working tree and different in the checkout"))
+            continue
+        result.writes.append((path, want))
+    for path in sorted(work, key=lambda p: (-p.count(b"/"), p)):
+        if path in target or not in_scope(path):
+            continue  # kept, or replaced by the write above
+        if path not in head:
+            continue  # untracked and not in the way of anything: keep
+        if work[path][0] != ENTRY_DIR and dirty(path) and not force:
+            result.blocked.append((path, "modified in the working tree and removed in the checkout"))
+            continue
+        result.removals.append(path)
+    return result
+
+
+class _SafeTree:
+    """Directory descriptors for paths below a root, opened without following symlinks."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._fds: dict[bytes, int] = {b"": os.open(root, os.O_RDONLY | os.O_DIRECTORY)}
+
+    def parent(self, path: bytes, create: bool) -> tuple[int, bytes]:
+        parent, _, name = path.rpartition(b"/")
+        return self.dir(parent, create), name
+
+    def dir(self, path: bytes, create: bool) -> int:
+        fd = self._fds.get(path)
+        if fd is not None:
+            return fd
+        parent_fd, name = self.parent(path, create)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        except FileNotFoundError:
+            if not create:
+                raise
+            os.mkdir(name, 0o777, dir_fd=parent_fd)
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise ConflictError(
+                    f"{os.fsdecode(path)} is a symlink or file where a folder belongs; p2pvc never writes through it",
+                    hint="move it away (or use --force to replace it), then run the command again",
+                ) from exc
+            raise
+        self._fds[path] = fd
+        return fd
+
+    def forget(self, path: bytes) -> None:
+        for key in [k for k in self._fds if k == path or k.startswith(path + b"/")]:
+            os.close(self._fds.pop(key))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+@dataclass
+class ApplyResult:
+    files_written: int = 0
+    bytes_written: int = 0
+    removed: int = 0
+    kept_folders: list[bytes] = field(default_factory=list)  # not empty: untracked files inside
+
+
+def apply(
+    root: Path,
+    the_plan: Plan,
+    store: ObjectStore,
+    cache: StatCache | None,
+    progress: Callable[[int], None] | None = None,
+) -> ApplyResult:
+    if the_plan.blocked:
+        raise ConflictError(
+            f"checkout would overwrite uncommitted changes in {len(the_plan.blocked)} path(s), "
+            f"first: {os.fsdecode(the_plan.blocked[0][0])}",
+            hint="commit them, or use --force to discard them",
+        )
+    result = ApplyResult()
+    umask = _umask()
+    tree = _SafeTree(root)
+    try:
+        for path in the_plan.removals:
+            _remove(tree, path, result)
+        for path, entry in the_plan.writes:
+            _write(tree, path, entry, store, cache, umask, result, progress)
+    except OSError as exc:
+        raise StorageError(f"checkout failed at {exc.filename or root}: {exc.strerror}") from exc
+    finally:
+        tree.close()
+    return result
+
+
+def _remove(tree: _SafeTree, path: bytes, result: ApplyResult) -> None:
+    try:
+        parent_fd, name = tree.parent(path, create=False)
+    except FileNotFoundError:
+        return
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        tree.forget(path)
+        try:
+            os.rmdir(name, dir_fd=parent_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            result.kept_folders.append(path)
+            return
+    else:
+        os.unlink(name, dir_fd=parent_fd)
+    result.removed += 1
+
+
+def _clear(parent_fd: int, name: bytes, tree: _SafeTree, path: bytes) -> None:
+    """Remove what is at `name` when it is in the way; only empty folders can be removed."""
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        tree.forget(path)
+        try:
+            os.rmdir(name, dir_fd=parent_fd)
+        except OSError as exc:
+            raise ConflictError(
+                f"{os.fsdecode(path)} is a folder with untracked files where the checkout puts a file",
+                hint="move the folder away, then run the command again",
+            ) from exc
+    else:
+        os.unlink(name, dir_fd=parent_fd)
+
+
+def _write(tree, path, entry: Entry, store, cache, umask, result: ApplyResult, progress) -> None:
+    kind, executable, target, size = entry
+    if kind == ENTRY_DIR:
+        parent_fd, name = tree.parent(path, create=True)
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                return
+            _clear(parent_fd, name, tree, path)
+        except FileNotFoundError:
+            pass
+        tree.dir(path, create=True)
+        return
+    parent_fd, name = tree.parent(path, create=True)
+    tmp = b".p2pvc-tmp-" + secrets.token_hex(6).encode() + b"-" + name[:100]
+    if kind == ENTRY_SYMLINK:
+        os.symlink(target, tmp, dir_fd=parent_fd)
+    else:
+        mode = (0o777 if executable else 0o666) & ~umask
+        manifest = store.get_object(target, model.KIND_MANIFEST)
+        assert isinstance(manifest, model.Manifest)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=parent_fd)
+        try:
+            written = _write_content(fd, manifest, store, progress)
+            if written != manifest.size:
+                raise CorruptionError(
+                    f"restored {os.fsdecode(path)} has the wrong size", expected=str(manifest.size), actual=str(written)
+                )
+            os.fchmod(fd, mode)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp, dir_fd=parent_fd)
+            raise
+        os.close(fd)
+    _clear(parent_fd, name, tree, path)
+    os.rename(tmp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    if kind == ENTRY_FILE:
+        result.files_written += 1
+        result.bytes_written += size
+        if cache is not None:
+            cache.record(path, FileStat.of(st), target)
+
+
+def _write_content(fd: int, manifest: model.Manifest, store: ObjectStore, progress) -> int:
+    """Write every chunk, each verified against its id by the store; return the byte count."""
+    written = 0
+    hole = False
+    for ref in manifest.chunks:
+        if ref.id == ZERO_CHUNK_ID and ref.size == MAX_CHUNK:
+            os.lseek(fd, ref.size, os.SEEK_CUR)
+            hole = True
+        else:
+            data = memoryview(store.get_chunk(ref.id))
+            while data:
+                n = os.write(fd, data)
+                data = data[n:]
+        written += ref.size
+        if progress is not None:
+            progress(ref.size)
+    if hole:
+        os.ftruncate(fd, written)  # a trailing hole needs the size set explicitly
+    return written
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
