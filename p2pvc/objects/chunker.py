@@ -36,3 +36,8 @@ def iter_chunks(file: BinaryIO) -> Iterator[memoryview]:
 def chunk_bytes(data: bytes | memoryview) -> list[memoryview]:
     """Cut an in-memory buffer; gives the same boundaries as `iter_chunks`."""
     return [chunk.data for chunk in _CDC.cut_buf(data)]
+
+
+def first_chunk(window: bytes | memoryview) -> memoryview:
+    """Return the first chunk of `window`, which must hold MAX_CHUNK bytes unless it reaches end of file."""
+    return next(iter(_CDC.cut_buf(window))).data

@@ -174,6 +174,17 @@ class WriteSession:
     def has(self, oid: bytes) -> bool:
         return oid in self._pending or self.store.has(oid)
 
+    def has_many(self, ids: list[bytes]) -> set[bytes]:
+        """Return the subset of `ids` that is stored or pending, with one query per 500 ids."""
+        found = {oid for oid in ids if oid in self._pending}
+        rest = [oid for oid in ids if oid not in found]
+        conn = self.store._conn()
+        for i in range(0, len(rest), 500):
+            part = rest[i : i + 500]
+            marks = ",".join("?" * len(part))
+            found.update(bytes(r[0]) for r in conn.execute(f"SELECT id FROM objects WHERE id IN ({marks})", part))
+        return found
+
     def put_chunk(self, data: bytes | memoryview, cid: bytes | None = None) -> tuple[bytes, bool]:
         """Store a chunk unless present; return (id, whether it was new)."""
         cid = cid or chunk_id(data)
@@ -183,9 +194,15 @@ class WriteSession:
         self.put_encoded(KIND_CHUNK, cid, len(data), codec, stored)
         return cid, True
 
-    def put_encoded(self, kind: int, oid: bytes, raw_size: int, codec: int, stored: bytes) -> bool:
-        """Store an already encoded record unless present; the caller has verified `oid`."""
-        if self.has(oid):
+    def put_encoded(
+        self, kind: int, oid: bytes, raw_size: int, codec: int, stored: bytes, *, checked: bool = False
+    ) -> bool:
+        """Store an already encoded record unless present; the caller has verified `oid`.
+
+        `checked` says the caller found it absent from the index already, so only
+        this session's pending records need checking.
+        """
+        if oid in self._pending or (not checked and self.store.has(oid)):
             return False
         appender = self._ensure_appender()
         offset = appender.append(kind, codec, raw_size, oid, stored)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,45 +85,113 @@ class PackAppender:
         except OSError as exc:
             self.close()
             raise storage_error("preparing pack", path, exc) from exc
-        self.size = durable_size  # bytes written, durable or not
-        self._buffer = bytearray()
+        self.size = durable_size  # bytes appended, durable or not
+        self._buffer: list[bytes] = []  # parts not yet handed to the writer
+        self._buffered = 0  # bytes in _buffer
+        self._writer: _BackgroundWriter | None = None
 
-    BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held before a write() call
+    BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held before they go to the writer thread
 
     def append(self, kind: int, codec: int, raw_size: int, oid: bytes, stored: bytes) -> int:
         """Buffer one record; return its offset in the pack."""
         offset = self.size
-        self._buffer += RECORD_HEADER.pack(RECORD_MAGIC, kind, codec, raw_size, len(stored), oid)
-        self._buffer += stored
+        self._buffer.append(RECORD_HEADER.pack(RECORD_MAGIC, kind, codec, raw_size, len(stored), oid))
+        self._buffer.append(stored)
+        self._buffered += RECORD_HEADER.size + len(stored)
         self.size += RECORD_HEADER.size + len(stored)
-        if len(self._buffer) >= self.BUFFER_LIMIT:
-            self._write_buffer()
+        if self._buffered >= self.BUFFER_LIMIT:
+            # write() of page-cache pages costs about as much kernel time as the rest of a
+            # commit on some machines, so it runs on its own thread (it releases the GIL).
+            if self._writer is None:
+                self._writer = _BackgroundWriter(self._fd, self.path)
+            self._writer.submit(self._buffer)
+            self._buffer = []
+            self._buffered = 0
         return offset
-
-    def _write_buffer(self) -> None:
-        view = memoryview(self._buffer)
-        try:
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
-        except OSError as exc:
-            raise storage_error("writing pack", self.path, exc) from exc
-        finally:
-            view.release()
-        self._buffer.clear()
 
     def sync(self) -> None:
         """Make everything appended so far durable."""
-        self._write_buffer()
+        if self._writer is not None:
+            self._writer.wait()
         try:
+            _write_all(self._fd, self._buffer)
+            self._buffer = []
+            self._buffered = 0
             os.fsync(self._fd)
         except OSError as exc:
             raise storage_error("syncing pack", self.path, exc) from exc
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer = None
         if self._fd >= 0:
             os.close(self._fd)  # also releases the flock
             self._fd = -1
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Write parts in order with writev, resuming after short writes."""
+    index = 0
+    while index < len(parts):
+        batch = parts[index : index + 512]  # IOV_MAX is 1024 on Linux
+        n = os.writev(fd, batch)
+        for part in batch:
+            if n >= len(part):
+                n -= len(part)
+                index += 1
+            else:
+                parts[index] = part[n:]
+                break
+
+
+class _BackgroundWriter:
+    """Writes buffers to a file descriptor in order on one thread; errors surface on the next call."""
+
+    MAX_QUEUED = 4  # buffers; bounds memory held while the disk is slower than hashing
+    FLUSH_EVERY = 64 * 1024 * 1024  # bytes; start write-back early so the final fsync is short
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self._path = path
+        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=self.MAX_QUEUED)
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="p2pvc-pack-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        unflushed = 0
+        while True:
+            data = self._queue.get()
+            try:
+                if data is None:
+                    return
+                if self._error is None:
+                    _write_all(self._fd, data)
+                    unflushed += sum(len(p) for p in data)
+                    if unflushed >= self.FLUSH_EVERY:
+                        os.fdatasync(self._fd)
+                        unflushed = 0
+            except OSError as exc:
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise storage_error("writing pack", self._path, self._error)
+
+    def submit(self, data: list[bytes]) -> None:
+        self._raise_error()
+        self._queue.put(data)
+
+    def wait(self) -> None:
+        self._queue.join()
+        self._raise_error()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
 
 
 class PackReader:
