@@ -65,9 +65,11 @@ class Repository:
         if record is None:
             raise CorruptionError(f"{self.dir} has no repository record")
         self.record = decode_repository(record)
+        if not verify(self.record.creator, self.record.signature, self.record.signing_payload()):
+            raise CorruptionError(f"the repository record in {self.dir} has an invalid signature")
         self.id = self.record.id
         self.store = ObjectStore(self.dir, self.db)
-        self.refs = RefDB(self.db, self.id, clock)
+        self.refs = RefDB(self.db, self.id, self.record.creator, clock)
         self.clock = clock
         self._identity = identity
         self._commit_cache: dict[bytes, CommitInfo] = {}
@@ -76,7 +78,24 @@ class Repository:
 
     @classmethod
     def init(cls, path: Path, identity: Identity | None = None, clock=wall_clock_ms) -> Repository:
+        """Create a new repository, signed by `identity` as its creator and first member."""
         identity = identity or load_or_create()
+        record = RepositoryRecord(identity.public_key, clock(), secrets.token_bytes(16))
+        record = replace(record, signature=identity.sign(record.signing_payload()))
+        return cls._create(path, record, identity, clock)
+
+    @classmethod
+    def init_from_record(
+        cls, path: Path, record_bytes: bytes, identity: Identity | None = None, clock=wall_clock_ms
+    ) -> Repository:
+        """Create an empty replica of an existing repository, given its signed record (for clone)."""
+        record = decode_repository(record_bytes)
+        if not verify(record.creator, record.signature, record.signing_payload()):
+            raise CorruptionError("the repository record has an invalid signature")
+        return cls._create(path, record, identity or load_or_create(), clock)
+
+    @classmethod
+    def _create(cls, path: Path, record: RepositoryRecord, identity: Identity, clock) -> Repository:
         repo_dir = path / REPO_DIR
         if repo_dir.exists():
             raise UserError(f"{path} already contains a p2pvc repository")
@@ -86,8 +105,6 @@ class Repository:
             tmp.mkdir()
             (tmp / "packs").mkdir()
             db = Database(tmp / "index.sqlite")
-            record = RepositoryRecord(identity.public_key, clock(), secrets.token_bytes(16))
-            record = replace(record, signature=identity.sign(record.signing_payload()))
             with db.write() as conn:
                 db.set_meta(conn, "format", FORMAT_VERSION)
                 db.set_meta(conn, "repository", encode_repository(record))
@@ -169,6 +186,14 @@ class Repository:
                 if state is not None and not state.deleted:
                     states.append(state)
         return states
+
+    def require_member(self) -> None:
+        """Fail early, before any work, if the local identity may not write to this repository."""
+        if self.identity.public_key not in self.refs.members().current:
+            raise UserError(
+                "you are not a member of this repository, so your commits would be rejected by every peer",
+                hint="show your key with p2pvc id and ask a member to run: p2pvc member add KEY",
+            )
 
     def set_ref(self, name: str, target: bytes | None, *, expected: bytes | None | type[...] = ...):
         return self.refs.set(self.identity, name, target, expected=expected, is_ancestor=self.is_ancestor)

@@ -30,6 +30,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 branch_app = typer.Typer(help="List, create or delete branches.", no_args_is_help=False)
+member_app = typer.Typer(help="List, add or remove the repository's members (who may sign commits).", no_args_is_help=True)
 
 _state: dict[str, object] = {"dir": None}
 
@@ -437,6 +438,43 @@ def _list_refs(repo, prefix: str, as_json: bool) -> None:
         mark = "*" if s.name == head_ref else " "
         flag = "  CONFLICT" if s.conflicted else ""
         typer.echo(f"{mark} {s.name.removeprefix(prefix):<30} {s.target.hex()[:12] if s.target else '-'}{flag}")
+
+
+@member_app.command("list")
+def member_list(as_json: JsonOption = False) -> None:
+    """List the members: the keys whose commits and ref updates are accepted."""
+    from p2pvc.ops.members import list_members
+
+    members = list_members(_open())
+    if as_json:
+        output.emit_json(
+            [{"key": m.key.hex(), "fingerprint": m.fingerprint, "creator": m.creator, "you": m.you} for m in members]
+        )
+        return
+    for m in members:
+        notes = ", ".join(n for n, on in (("creator", m.creator), ("you", m.you)) if on)
+        typer.echo(f"{m.fingerprint}  {m.key.hex()}" + (f"  ({notes})" if notes else ""))
+
+
+@member_app.command("add")
+def member_add(key: Annotated[str, typer.Argument(help="The new member's public key (64 hex digits, from p2pvc id).")]) -> None:
+    """Add a member; the signed record reaches other peers at the next sync."""
+    from p2pvc.ops.members import add_member
+
+    info = add_member(_open(), key)
+    typer.echo(f"Added member {info.fingerprint}")
+
+
+@member_app.command("remove")
+def member_remove(key: Annotated[str, typer.Argument(help="The member's public key (64 hex digits).")]) -> None:
+    """Remove a member; their earlier commits stay valid, new updates are rejected."""
+    from p2pvc.ops.members import remove_member
+
+    info = remove_member(_open(), key)
+    typer.echo(f"Removed member {info.fingerprint}")
+
+
+app.add_typer(member_app, name="member")
 
 
 # Maintenance -----------------------------------------------------------------------------

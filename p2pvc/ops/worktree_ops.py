@@ -10,6 +10,7 @@ from p2pvc.objects import model
 from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.refs.records import BRANCH_PREFIX
 from p2pvc.repo import Repository
+from p2pvc.sync.state import SyncState
 from p2pvc.worktree import checkout as co
 from p2pvc.worktree.changes import Change, compare, state_of
 from p2pvc.worktree.ingest import Ingester
@@ -81,6 +82,7 @@ def commit(
     metadata = dict(metadata or {})
     for key, value in metadata.items():
         model.check_metadata_item(key, value)
+    repo.require_member()
     with repo.lock():
         ref, head_id, head_flat = head_tree(repo)
         scanned = scan(repo.worktree)
@@ -99,6 +101,7 @@ def commit(
         signed = repo.sign_commit(unsigned)
         with repo.store.session() as session:
             commit_id = session.put_object(signed)
+        SyncState(repo.db).mark_complete([commit_id])  # built from stored objects: nothing to fetch
         # Objects first, ref last: the ref never names anything that is not durable.
         if ref is not None:
             repo.set_ref(ref, commit_id, expected=head_id)

@@ -131,8 +131,17 @@ class ObjectStore:
         for row in rows:
             yield IndexEntry(*row)
 
-    def session(self) -> WriteSession:
-        return WriteSession(self)
+    def session(self, batch_bytes: int = BATCH_BYTES) -> WriteSession:
+        return WriteSession(self, batch_bytes)
+
+    def read_stored(self, oid: bytes) -> tuple[IndexEntry, bytes] | None:
+        """Return a record's index entry and its stored (still compressed) bytes, unverified,
+        for sending to a peer that verifies them itself; None if absent."""
+        entry = self.entry(oid)
+        if entry is None:
+            return None
+        _header, stored = self._reader.read(entry.pack_name, entry.offset, entry.id, entry.stored_size)
+        return entry, stored
 
     def forget_pack(self, name: str) -> None:
         self._reader.forget(name)
@@ -152,8 +161,9 @@ class WriteSession:
     torn tail). Not thread-safe: one thread writes.
     """
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, batch_bytes: int = BATCH_BYTES) -> None:
         self.store = store
+        self.batch_bytes = batch_bytes
         self._appender: PackAppender | None = None
         self._pending: dict[bytes, tuple[int, int, int, int, int]] = {}  # id -> kind, offset, stored, raw, codec
         self._pending_bytes = 0
@@ -209,7 +219,7 @@ class WriteSession:
         self._pending[oid] = (kind, offset, len(stored), raw_size, codec)
         self._pending_bytes += len(stored)
         self.new_bytes += raw_size
-        if self._pending_bytes >= BATCH_BYTES:
+        if self._pending_bytes >= self.batch_bytes:
             self.commit()
         return True
 

@@ -1,0 +1,254 @@
+"""Pulling from one peer: anti-entropy on refs, then the missing objects, then the refs.
+
+Order of publication: membership records first (they decide which
+signatures count), then objects (commits, trees, manifests, then chunks),
+and a ref update last, only once everything it reaches is stored and
+verified. A peer that sends anything that fails verification is dropped
+for the rest of the pull and logged with its peer id; what arrived before
+stays stored, so a rerun (with this or another peer) fetches only the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pvc.errors import CorruptionError, P2pvcError, PeerError
+from p2pvc.identity.keys import verify
+from p2pvc.node.client import PeerClient
+from p2pvc.objects import model
+from p2pvc.protocol import messages as m
+from p2pvc.protocol.messages import MEMBERS_KEY
+from p2pvc.refs import membership
+from p2pvc.refs.records import RefUpdate, decode_ref_update
+from p2pvc.repo import Repository
+from p2pvc.store.objectstore import WriteSession
+from p2pvc.sync.closure import KIND_CHUNK, ClosureWalker
+from p2pvc.sync.heads import differing, local_digests
+from p2pvc.sync.receive import verify as verify_received
+from p2pvc.sync.state import SyncState
+
+log = logging.getLogger(__name__)
+
+OBJECT_BATCH = 1024  # ids per request for commits, trees and manifests
+CHUNK_BATCH = 32  # chunks per request: about 2.5 MiB of average chunks
+CHUNK_REQUESTS_IN_FLIGHT = 4  # per peer; keeps the link busy across request round trips
+SYNC_COMMIT_BYTES = 32 * 1024 * 1024  # durable index batches: an interrupted pull loses at most this much
+
+
+class MisbehavingPeer(PeerError):
+    """The peer sent data that failed verification."""
+
+
+@dataclass
+class RefChange:
+    name: str
+    old: bytes | None
+    new: bytes | None
+    conflicted: bool
+
+
+@dataclass
+class PullReport:
+    peer: str
+    updates_received: int = 0
+    updates_applied: int = 0
+    updates_rejected: list[str] = field(default_factory=list)  # reasons
+    members_applied: int = 0
+    objects_fetched: int = 0
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0  # stored (wire) bytes of objects and chunks
+    changes: list[RefChange] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)  # refs whose content the peer lacked
+
+
+ProgressFn = Callable[[int], None]
+
+
+async def pull(repo: Repository, client: PeerClient, *, progress: ProgressFn | None = None) -> PullReport:
+    report = PullReport(client.peer_id)
+    remote = await client.heads()
+    local = local_digests(repo.refs.update_ids_by_name(), [i for i, _ in repo.refs.membership_records()])
+    names = [n for n in differing(local, remote) if n in remote]
+    if not names:
+        return report
+    records = await client.updates(names)
+    updates = _apply_members_and_parse(repo, records, report)
+    if not updates:
+        return report
+    before = {u.name: _target(repo, u.name) for u in updates}
+    state = SyncState(repo.db)
+    walker = ClosureWalker(repo.store.has, _loader(repo), state.is_complete)
+    for update in updates:
+        if update.target is not None:
+            walker.add(update.target)
+    with repo.store.session(SYNC_COMMIT_BYTES) as session:
+        await _fetch_objects(repo, client, walker, session, report)
+        await _fetch_chunks(client, walker, session, report, progress)
+    _apply_updates(repo, state, updates, report)
+    for name, old in before.items():
+        new_state = repo.ref_state(name)
+        new = new_state.target if new_state else None
+        if new != old or (new_state and new_state.conflicted):
+            report.changes.append(RefChange(name, old, new, bool(new_state and new_state.conflicted)))
+    return report
+
+
+def _target(repo: Repository, name: str) -> bytes | None:
+    state = repo.ref_state(name)
+    return state.target if state else None
+
+
+def _loader(repo: Repository):
+    def load(oid: bytes, kind: int) -> model.StoredObject:
+        return repo.store.get_object(oid, kind)
+
+    return load
+
+
+def _apply_members_and_parse(repo: Repository, records: list[bytes], report: PullReport) -> list[RefUpdate]:
+    """Store new membership records first, then return the new, verified ref updates."""
+    ref_records = []
+    for record in records:
+        if record[:1] and _is_membership(record):
+            try:
+                member_record = membership.decode(record)
+                if not repo.refs.has_membership(member_record.id) and repo.refs.add_membership_verified(member_record):
+                    report.members_applied += 1
+            except CorruptionError as exc:
+                report.updates_rejected.append(f"membership record: {exc.message}")
+                log.warning("rejected a membership record from %s: %s", report.peer, exc.message)
+        else:
+            ref_records.append(record)
+    updates = []
+    for record in ref_records:
+        try:
+            update = decode_ref_update(record)
+            if repo.refs.has_update(update.id):
+                continue
+            repo.refs.check_acceptable(update)
+        except CorruptionError as exc:
+            report.updates_rejected.append(exc.message)
+            log.warning("rejected a ref update from %s: %s", report.peer, exc.message)
+            continue
+        report.updates_received += 1
+        updates.append(update)
+    return updates
+
+
+def _is_membership(record: bytes) -> bool:
+    # Both record kinds are msgpack arrays whose first element is the kind (a positive fixint).
+    return len(record) > 1 and record[1] == membership.KIND_MEMBERSHIP
+
+
+async def _fetch_objects(repo: Repository, client: PeerClient, walker: ClosureWalker, session: WriteSession, report) -> None:
+    unavailable: set[bytes] = set()
+    while True:
+        missing = walker.walk()
+        wanted = [oid for oid in missing.objects if oid not in unavailable]
+        if not wanted:
+            return
+        for start in range(0, len(wanted), OBJECT_BATCH):
+            batch = wanted[start : start + OBJECT_BATCH]
+            async for item in client.objects(batch):
+                if isinstance(item, m.End):
+                    unavailable.update(item.missing)
+                    continue
+                first, stored = item
+                expected = missing.objects.get(first.id)
+                if expected is None:
+                    continue
+                received = _verified(client, first, stored, expected, None)
+                if isinstance(received.obj, model.Commit):
+                    _check_commit_author(repo, client, received.id, received.obj)
+                session.put_encoded(received.kind, received.id, received.raw_size, received.codec, received.stored)
+                report.objects_fetched += 1
+                report.bytes_fetched += len(stored)
+                assert received.obj is not None
+                walker.received(received.id, received.obj)
+        # Objects written in this round must be readable by the next walk.
+        session.commit()
+
+
+async def _fetch_chunks(client: PeerClient, walker: ClosureWalker, session: WriteSession, report, progress) -> None:
+    chunks = list(walker.missing.chunks.items())
+    if not chunks:
+        return
+    batches = [chunks[i : i + CHUNK_BATCH] for i in range(0, len(chunks), CHUNK_BATCH)]
+    send_batch, receive_batch = trio.open_memory_channel(len(batches))
+    for batch in batches:
+        send_batch.send_nowait(batch)
+    send_batch.close()
+
+    async def worker() -> None:
+        async for batch in receive_batch:
+            sizes = dict(batch)
+            async for item in client.objects([cid for cid, _ in batch]):
+                if isinstance(item, m.End):
+                    continue  # left in walker.missing: the ref stays unapplied
+                first, stored = item
+                received = _verified(client, first, stored, KIND_CHUNK, sizes.get(first.id))
+                if session.put_encoded(KIND_CHUNK, received.id, received.raw_size, received.codec, received.stored):
+                    report.chunks_fetched += 1
+                    report.bytes_fetched += len(stored)
+                walker.missing.chunks.pop(received.id, None)
+                if progress is not None:
+                    progress(received.raw_size)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(CHUNK_REQUESTS_IN_FLIGHT):
+                nursery.start_soon(worker)
+    except BaseExceptionGroup as group:
+        raise first_leaf(group) from None
+
+
+def first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """Return the first plain exception in a (nested) exception group, so callers see one error."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _verified(client: PeerClient, first, stored: bytes, kind: int, size: int | None):
+    try:
+        return verify_received(first, stored, kind, size)
+    except CorruptionError as exc:
+        log.warning("peer %s sent bad data and is dropped for this pull: %s", client.peer_id, exc.message)
+        raise MisbehavingPeer(f"peer {client.peer_id} sent data that failed verification: {exc.message}") from exc
+
+
+def _check_commit_author(repo: Repository, client: PeerClient, oid: bytes, commit: model.Commit) -> None:
+    if not verify(commit.author, commit.signature, commit.signing_payload()):
+        log.warning("peer %s sent commit %s with an invalid signature", client.peer_id, oid.hex()[:12])
+        raise MisbehavingPeer(f"peer {client.peer_id} sent commit {oid.hex()[:12]} with an invalid signature")
+    if commit.author not in repo.refs.members().ever:
+        log.warning("peer %s sent commit %s signed by a non-member", client.peer_id, oid.hex()[:12])
+        raise MisbehavingPeer(f"peer {client.peer_id} sent commit {oid.hex()[:12]} signed by a non-member")
+
+
+def _apply_updates(repo: Repository, state: SyncState, updates: list[RefUpdate], report: PullReport) -> None:
+    """Store each update whose closure is now complete; mark the closures complete."""
+    for update in sorted(updates, key=lambda u: (u.clock, u.id)):
+        if update.target is not None:
+            check = ClosureWalker(repo.store.has, _loader(repo), state.is_complete)
+            check.add(update.target)
+            missing = check.walk()
+            if missing.objects or missing.chunks:
+                report.incomplete.append(update.name)
+                log.info(
+                    "not applying %s from %s yet: %d objects and %d chunks are missing",
+                    update.name, report.peer, len(missing.objects), len(missing.chunks),
+                )
+                continue
+            state.mark_complete(check.commits)
+        try:
+            if repo.refs.add_verified(update):
+                report.updates_applied += 1
+        except P2pvcError as exc:
+            report.updates_rejected.append(exc.message)
+            log.warning("rejected ref update %s from %s: %s", update.id.hex()[:12], report.peer, exc.message)

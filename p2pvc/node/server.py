@@ -1,0 +1,118 @@
+"""Serving repositories to peers: one request per stream, answered from the local store.
+
+A node serves only what it has stored and verified. Ref updates are stored
+only after their whole closure is (see `p2pvc.node.pull`), so every ref a
+node shows can be fetched from it in full.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from p2pvc.errors import P2pvcError
+from p2pvc.protocol import messages as m
+from p2pvc.repo import Repository
+from p2pvc.sync.heads import local_digests
+from p2pvc.node.streams import FrameStream, StreamClosed
+
+log = logging.getLogger(__name__)
+
+# Called with (repository, announcing peer, announced records); returns when handled.
+AnnounceHandler = Callable[[Repository, str, tuple[bytes, ...]], Awaitable[None]]
+
+
+class RepoServer:
+    def __init__(self, repos: dict[bytes, Repository], on_announce: AnnounceHandler | None = None) -> None:
+        self.repos = repos
+        self.on_announce = on_announce
+        self.requests_served = 0
+
+    async def handle(self, stream: FrameStream) -> None:
+        """Answer one request; a protocol violation closes the stream with a logged reason."""
+        peer = stream.peer_id
+        try:
+            request = await stream.receive()
+            await self._dispatch(stream, request)
+            self.requests_served += 1
+            await stream.close()
+        except m.ProtocolViolation as exc:
+            log.warning("peer %s broke the protocol: %s; closing the stream", peer, exc)
+            await _send_error(stream, m.ERR_BAD_REQUEST, str(exc))
+            await stream.reset()
+        except StreamClosed as exc:
+            log.debug("stream from %s closed early: %s", peer, exc)
+        except P2pvcError as exc:
+            # Our own store failed (corruption, disk): tell the peer, keep serving others.
+            log.error("request from %s failed locally: %s", peer, exc.message)
+            await _send_error(stream, m.ERR_INTERNAL, "the serving node failed to read its store")
+            await stream.reset()
+
+    async def _dispatch(self, stream: FrameStream, request: m.Message) -> None:
+        if isinstance(request, m.RepositoryRequest):
+            records = [repo.db.get_meta("repository") for rid, repo in self.repos.items() if request.repo in (None, rid)]
+            await stream.send(m.RepositoryResponse(tuple(r for r in records if r)))
+            return
+        repo_id = getattr(request, "repo", None)
+        repo = self.repos.get(repo_id) if isinstance(repo_id, bytes) else None
+        if repo is None:
+            if repo_id is None:
+                raise m.ProtocolViolation(f"{type(request).__name__} is not a request")
+            await _send_error(stream, m.ERR_UNKNOWN_REPOSITORY, f"repository {repo_id.hex()[:12]} is not served here")
+            return
+        if isinstance(request, m.HeadsRequest):
+            digests = local_digests(repo.refs.update_ids_by_name(), [i for i, _ in repo.refs.membership_records()])
+            await stream.send(m.HeadsResponse(digests))
+        elif isinstance(request, m.UpdatesRequest):
+            await self._send_updates(stream, repo, list(request.names))
+        elif isinstance(request, m.ObjectsRequest):
+            await self._send_objects(stream, repo, request.ids)
+        elif isinstance(request, m.Announce):
+            if self.on_announce is not None:
+                await self.on_announce(repo, stream.peer_id, request.records)
+            await stream.send(m.Ack())
+        else:
+            raise m.ProtocolViolation(f"{type(request).__name__} is not a request")
+
+    async def _send_updates(self, stream: FrameStream, repo: Repository, names: list[str]) -> None:
+        records = repo.refs.records_for([n for n in names if n != m.MEMBERS_KEY])
+        if m.MEMBERS_KEY in names:
+            records = [r for _, r in repo.refs.membership_records()] + records
+        batch: list[bytes] = []
+        size = 0
+        for record in records:
+            # Keep each frame well under MAX_FRAME: 16 bytes covers msgpack's per-item overhead.
+            if batch and size + len(record) + 16 > m.MAX_FRAME // 2:
+                await stream.send(m.UpdatesResponse(tuple(batch)))
+                batch, size = [], 0
+            batch.append(record)
+            size += len(record) + 16
+        if batch:
+            await stream.send(m.UpdatesResponse(tuple(batch)))
+        await stream.send(m.End(()))
+
+    async def _send_objects(self, stream: FrameStream, repo: Repository, ids: tuple[bytes, ...]) -> None:
+        missing = []
+        for oid in ids:
+            found = repo.store.read_stored(oid)
+            if found is None:
+                missing.append(oid)
+                continue
+            entry, stored = found
+            offset = 0
+            while True:
+                part = stored[offset : offset + m.OBJECT_PART_BYTES]
+                await stream.send(
+                    m.ObjectPart(oid, entry.kind, entry.codec, entry.raw_size, len(stored), offset, part)
+                )
+                offset += len(part)
+                if offset >= len(stored):
+                    break
+        await stream.send(m.End(tuple(missing)))
+
+
+async def _send_error(stream: FrameStream, code: int, text: str) -> None:
+    try:
+        await stream.send(m.ErrorResponse(code, text))
+    except StreamClosed:
+        pass
