@@ -30,6 +30,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 branch_app = typer.Typer(help="List, create or delete branches.", no_args_is_help=False)
+peer_app = typer.Typer(help="List, add or remove the peers this repository syncs with.", no_args_is_help=True)
 member_app = typer.Typer(help="List, add or remove the repository's members (who may sign commits).", no_args_is_help=True)
 
 _state: dict[str, object] = {"dir": None}
@@ -99,16 +100,44 @@ def show_id(as_json: JsonOption = False) -> None:
     """Show your public key and its fingerprint (creates the key on first use)."""
     from p2pvc.identity.keys import KEY_FILE_NAME, home_dir, load_or_create
 
+    from p2pvc.identity.peerid import peer_id
+    from p2pvc.node.runner import DEFAULT_PORT
+
     identity = load_or_create()
     key_path = home_dir() / KEY_FILE_NAME
+    pid = peer_id(identity.public_key)
+    address = f"/ip4/{_primary_ip()}/tcp/{DEFAULT_PORT}/p2p/{pid}"
     if as_json:
         output.emit_json(
-            {"public_key": identity.public_key.hex(), "fingerprint": identity.fingerprint, "key_file": str(key_path)}
+            {
+                "public_key": identity.public_key.hex(),
+                "fingerprint": identity.fingerprint,
+                "peer_id": pid,
+                "address": address,
+                "key_file": str(key_path),
+            }
         )
     else:
         typer.echo(f"public key:  {identity.public_key.hex()}")
         typer.echo(f"fingerprint: {identity.fingerprint}")
+        typer.echo(f"peer id:     {pid}")
+        typer.echo(f"address:     {address}  (when p2pvc serve runs with the default port)")
         typer.echo(f"key file:    {key_path}")
+
+
+def _primary_ip() -> str:
+    """Return this machine's address for the default route, without sending anything."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        # connect() on a UDP socket only picks a route and source address; no packet is sent.
+        sock.connect(("192.0.2.1", 9))  # TEST-NET-1 (RFC 5737), never routed to a real host
+        return sock.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        sock.close()
 
 
 # Working tree ---------------------------------------------------------------------------
@@ -475,6 +504,207 @@ def member_remove(key: Annotated[str, typer.Argument(help="The member's public k
 
 
 app.add_typer(member_app, name="member")
+
+
+# Network ------------------------------------------------------------------------------
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def serve(
+    listen: Annotated[str, typer.Option(help="IP address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="TCP port to listen on (0 picks a free one).")] = 4730,
+    repo_paths: Annotated[
+        Optional[list[Path]], typer.Option("--repo", help="Serve this repository (repeatable; default: the current one).")
+    ] = None,
+    anti_entropy: Annotated[float, typer.Option(help="Seconds between full exchanges with known peers.")] = 30.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+) -> None:
+    """Serve repositories to peers in the foreground until Ctrl-C or SIGTERM."""
+    import trio
+
+    from p2pvc.node import runner
+    from p2pvc.repo import Repository
+
+    _setup_logging(verbose)
+    repos = [Repository.discover(p) for p in repo_paths] if repo_paths else [_open()]
+
+    def ready(addresses: list[str], peer_id: str) -> None:
+        for address in addresses:
+            typer.echo(f"listening on {address}", err=True)
+
+    trio.run(
+        lambda: runner.serve(repos, runner.default_listen(listen, port), anti_entropy_s=anti_entropy, on_ready=ready)
+    )
+
+
+@app.command()
+def sync(
+    peers: Annotated[Optional[list[str]], typer.Argument(help="Peer addresses (default: every known peer).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Exchange refs and content with peers in both directions."""
+    import trio
+
+    from p2pvc.errors import PeerError
+    from p2pvc.node import runner
+
+    repo = _open()
+    progress = output.TerminalProgress()
+    progress.start("fetching", None)
+    result = trio.run(lambda: runner.sync(repo, list(peers or []), progress=progress.advance))
+    progress.finish()
+    if as_json:
+        output.emit_json(_sync_json(result))
+    else:
+        _print_sync(result)
+    failed = [r for r in result.reports if r.error]
+    if result.unreachable or failed:
+        names = [a for a, _ in result.unreachable] + [r.peer for r in failed]
+        raise PeerError(f"could not sync with {len(names)} peer(s): {', '.join(names)}", hint="the others were synced")
+
+
+def _sync_json(result) -> dict:
+    return {
+        "peers": [
+            {
+                "peer": r.peer,
+                "error": r.error,
+                "pushed_records": r.pushed_records,
+                "pulled": None
+                if r.pulled is None
+                else {
+                    "updates_applied": r.pulled.updates_applied,
+                    "objects_fetched": r.pulled.objects_fetched,
+                    "chunks_fetched": r.pulled.chunks_fetched,
+                    "bytes_fetched": r.pulled.bytes_fetched,
+                    "rejected": r.pulled.updates_rejected,
+                    "incomplete": r.pulled.incomplete,
+                    "changes": [
+                        {"ref": c.name, "old": _hex(c.old), "new": _hex(c.new), "conflicted": c.conflicted}
+                        for c in r.pulled.changes
+                    ],
+                },
+            }
+            for r in result.reports
+        ],
+        "unreachable": [{"address": a, "reason": why} for a, why in result.unreachable],
+    }
+
+
+def _print_sync(result) -> None:
+    for r in result.reports:
+        if r.error:
+            typer.echo(f"{r.peer}: failed: {r.error}")
+            continue
+        pulled = r.pulled
+        typer.echo(
+            f"{r.peer}: fetched {pulled.objects_fetched} object(s), {pulled.chunks_fetched} chunk(s), "
+            f"{output.human_bytes(pulled.bytes_fetched)}; pushed {r.pushed_records} record(s)"
+        )
+        for c in pulled.changes:
+            old = c.old.hex()[:12] if c.old else "(new)"
+            new = c.new.hex()[:12] if c.new else "(deleted)"
+            typer.echo(f"  {c.name}: {old} -> {new}" + ("  CONFLICT" if c.conflicted else ""))
+        for reason in pulled.updates_rejected:
+            typer.echo(f"  rejected: {reason}")
+        for name in pulled.incomplete:
+            typer.echo(f"  {name}: not updated, the peer lacks part of its content")
+    for address, reason in result.unreachable:
+        typer.echo(f"{address}: unreachable: {reason}", err=True)
+
+
+@app.command()
+def clone(
+    address: Annotated[str, typer.Argument(help="Address of a serving peer, /ip4/HOST/tcp/PORT/p2p/PEER_ID.")],
+    directory: Annotated[Optional[Path], typer.Argument(help="Folder to create (default: ./p2pvc-REPOID).")] = None,
+    repo_id: Annotated[Optional[str], typer.Option("--repo", help="Repository id, if the peer serves several.")] = None,
+) -> None:
+    """Copy a repository from a peer: its id, members, refs and the content of main."""
+    import trio
+
+    from p2pvc.node import runner
+    from p2pvc.ops.worktree_ops import checkout as run_checkout
+
+    target = (directory or Path.cwd() / "p2pvc-clone").absolute()
+    if target.exists() and any(target.iterdir()):
+        raise UserError(f"{target} exists and is not empty", hint="pass a new folder")
+    progress = output.TerminalProgress()
+    progress.start("fetching", None)
+    repo, report = trio.run(lambda: runner.clone(address, target, repo_hex=repo_id, progress=progress.advance))
+    progress.finish()
+    state = repo.ref_state("refs/heads/main")
+    if state is not None and state.target is not None:
+        run_checkout(repo, "main", force=True)
+    typer.echo(f"Cloned repository {repo.id.hex()[:12]} into {target}")
+    if report.pulled:
+        typer.echo(f"  {len(repo.refs.names())} ref(s), {output.human_bytes(report.pulled.bytes_fetched)} fetched")
+    if repo.identity.public_key not in repo.refs.members().current:
+        typer.echo(
+            "  You are not a member yet: send the key from `p2pvc id` to a member, who runs "
+            "`p2pvc member add KEY`; your next sync brings the record."
+        )
+
+
+@peer_app.command("add")
+def peer_add(address: Annotated[str, typer.Argument(help="/ip4/HOST/tcp/PORT/p2p/PEER_ID")]) -> None:
+    """Remember a peer to sync with."""
+    from p2pvc.sync.state import SyncState
+
+    peer_id = _peer_id_of(address)
+    new = SyncState(_open().db).add_peer(peer_id, address)
+    typer.echo(("Added" if new else "Updated") + f" peer {peer_id}")
+
+
+@peer_app.command("list")
+def peer_list(as_json: JsonOption = False) -> None:
+    """List known peers with when they were last reached."""
+    from p2pvc.sync.state import SyncState
+
+    peers = SyncState(_open().db).peers()
+    if as_json:
+        output.emit_json([p.__dict__ for p in peers])
+        return
+    for p in peers:
+        seen = _format_time(p.last_seen_ms) if p.last_seen_ms else "never"
+        line = f"{p.peer_id}  {p.address}  last seen: {seen}"
+        if p.refs is not None:
+            line += f", {p.refs} ref(s)"
+        if p.last_error:
+            line += f"  (last error: {p.last_error})"
+        typer.echo(line)
+
+
+@peer_app.command("remove")
+def peer_remove(peer: Annotated[str, typer.Argument(help="Peer id or address.")]) -> None:
+    """Forget a peer."""
+    from p2pvc.sync.state import SyncState
+
+    peer_id = _peer_id_of(peer) if peer.startswith("/") else peer
+    if not SyncState(_open().db).remove_peer(peer_id):
+        raise UserError(f"no known peer {peer_id}", hint="p2pvc peer list shows the known peers")
+    typer.echo(f"Removed peer {peer_id}")
+
+
+def _peer_id_of(address: str) -> str:
+    parts = address.rstrip("/").split("/")
+    if len(parts) < 3 or parts[-2] != "p2p" or not parts[-1]:
+        raise UserError(
+            f"invalid peer address {address!r}", hint="an address looks like /ip4/192.0.2.7/tcp/4730/p2p/12D3KooW..."
+        )
+    return parts[-1]
+
+
+app.add_typer(peer_app, name="peer")
 
 
 # Maintenance -----------------------------------------------------------------------------

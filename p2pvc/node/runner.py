@@ -1,0 +1,120 @@
+"""Running a node for a command: `serve` (until stopped), `sync` and `clone` (one exchange).
+
+This is the only module the CLI calls for networking; it imports libp2p
+lazily through `p2pvc.node.transport`, so local commands stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import AsyncIterator, Callable
+
+import trio
+
+from p2pvc.errors import P2pvcError, PeerError, UserError
+from p2pvc.node.service import ExchangeReport, Node
+from p2pvc.repo import Repository
+from p2pvc.sync.state import SyncState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 4730
+STOP_TIMEOUT_S = 2.0
+
+
+def default_listen(host: str = "0.0.0.0", port: int = DEFAULT_PORT) -> list[str]:
+    return [f"/ip4/{host}/tcp/{port}"]
+
+
+@asynccontextmanager
+async def running_node(
+    repos: list[Repository], listen: list[str], *, progress: Callable[[int], None] | None = None
+) -> AsyncIterator[Node]:
+    from p2pvc.node.transport import open_node_host
+
+    seed = repos[0].identity.seed
+    async with open_node_host(seed, listen) as host:
+        node = Node(host, repos, progress=progress)
+        host.serve(node.server.handle)
+        yield node
+
+
+async def serve(
+    repos: list[Repository],
+    listen: list[str],
+    *,
+    anti_entropy_s: float,
+    on_ready: Callable[[list[str], str], None] | None = None,
+) -> None:
+    """Serve until SIGINT or SIGTERM; then stop within STOP_TIMEOUT_S."""
+    async with running_node(repos, listen) as node:
+        if on_ready is not None:
+            on_ready(node.host.listen_addresses(), node.host.peer_id)
+        for repo in repos:
+            log.info("serving repository %s from %s", repo.id.hex()[:12], repo.worktree)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.watch_local_records)
+            nursery.start_soon(node.anti_entropy, anti_entropy_s)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s, stopping", signal.Signals(signum).name)
+                    break
+            nursery.cancel_scope.cancel()
+
+
+@dataclass
+class SyncResult:
+    reports: list[ExchangeReport] = field(default_factory=list)
+    unreachable: list[tuple[str, str]] = field(default_factory=list)  # (address, reason)
+
+
+async def sync(repo: Repository, addresses: list[str], *, progress=None) -> SyncResult:
+    """Exchange with each address (or every known peer); an unreachable peer does not stop the others."""
+    state = SyncState(repo.db)
+    targets = addresses or [p.address for p in state.peers()]
+    if not targets:
+        raise UserError("no peers to sync with", hint="add one with: p2pvc peer add ADDRESS, or pass it to p2pvc sync")
+    result = SyncResult()
+    async with running_node([repo], ["/ip4/127.0.0.1/tcp/0"], progress=progress) as node:
+        for address in targets:
+            try:
+                peer_id = await node.host.connect(address)
+            except PeerError as exc:
+                result.unreachable.append((address, exc.message))
+                continue
+            report = await node.exchange(peer_id, repo)
+            result.reports.append(report)
+    return result
+
+
+async def clone(address: str, path: Path, *, repo_hex: str | None = None, progress=None) -> tuple[Repository, ExchangeReport]:
+    """Create a replica of a repository served at `address` in `path`, and pull it."""
+    from p2pvc.identity.keys import load_or_create
+    from p2pvc.node.client import PeerClient
+    from p2pvc.node.transport import open_node_host
+    from p2pvc.refs.records import decode_repository
+
+    identity = load_or_create()
+    async with open_node_host(identity.seed, ["/ip4/127.0.0.1/tcp/0"]) as host:
+        peer_id = await host.connect(address)
+        wanted = bytes.fromhex(repo_hex) if repo_hex else None
+        records = await PeerClient(host.open_frame_stream, peer_id, b"\x00" * 32).repository_records(wanted)
+        if not records:
+            raise PeerError(f"peer {peer_id} serves no repository" + (f" with id {repo_hex}" if repo_hex else ""))
+        if len(records) > 1:
+            ids = ", ".join(decode_repository(r).id.hex()[:12] for r in records)
+            raise UserError(f"peer {peer_id} serves several repositories: {ids}", hint="choose one with --repo ID")
+    repo = Repository.init_from_record(path, records[0], identity)
+    try:
+        SyncState(repo.db).add_peer(peer_id, address)
+        result = await sync(repo, [address], progress=progress)
+    except P2pvcError:
+        repo.close()
+        raise
+    if result.unreachable:
+        raise PeerError(f"peer {address} became unreachable: {result.unreachable[0][1]}")
+    return repo, result.reports[0]
