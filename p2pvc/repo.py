@@ -128,6 +128,15 @@ class Repository:
         )
 
     @property
+    def history_only(self) -> bool:
+        """Whether this replica fetches history without file content (a `clone --no-content`)."""
+        return self.db.get_meta("content") == b"history"
+
+    def set_history_only(self, value: bool) -> None:
+        with self.db.write() as conn:
+            self.db.set_meta(conn, "content", b"history" if value else b"full")
+
+    @property
     def identity(self) -> Identity:
         if self._identity is None:
             self._identity = load_or_create()

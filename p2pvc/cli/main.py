@@ -550,6 +550,9 @@ def serve(
 @app.command()
 def sync(
     peers: Annotated[Optional[list[str]], typer.Argument(help="Peer addresses (default: every known peer).")] = None,
+    content: Annotated[
+        bool, typer.Option("--content", help="In a history-only clone: from now on fetch file content too.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Exchange refs and content with peers in both directions."""
@@ -559,10 +562,9 @@ def sync(
     from p2pvc.node import runner
 
     repo = _open()
-    progress = output.TerminalProgress()
-    progress.start("fetching", None)
-    result = trio.run(lambda: runner.sync(repo, list(peers or []), progress=progress.advance))
-    progress.finish()
+    if content and repo.history_only:
+        repo.set_history_only(False)
+    result = trio.run(lambda: runner.sync(repo, list(peers or []), progress=output.TerminalProgress()))
     if as_json:
         output.emit_json(_sync_json(result))
     else:
@@ -628,8 +630,11 @@ def clone(
     address: Annotated[str, typer.Argument(help="Address of a serving peer, /ip4/HOST/tcp/PORT/p2p/PEER_ID.")],
     directory: Annotated[Optional[Path], typer.Argument(help="Folder to create (default: ./p2pvc-REPOID).")] = None,
     repo_id: Annotated[Optional[str], typer.Option("--repo", help="Repository id, if the peer serves several.")] = None,
+    no_content: Annotated[
+        bool, typer.Option("--no-content", help="Fetch history only; fetch file content later with p2pvc sync --content.")
+    ] = False,
 ) -> None:
-    """Copy a repository from a peer: its id, members, refs and the content of main."""
+    """Copy a repository from a peer: its id, members, refs and the content of every ref."""
     import trio
 
     from p2pvc.node import runner
@@ -638,12 +643,13 @@ def clone(
     target = (directory or Path.cwd() / "p2pvc-clone").absolute()
     if target.exists() and any(target.iterdir()):
         raise UserError(f"{target} exists and is not empty", hint="pass a new folder")
-    progress = output.TerminalProgress()
-    progress.start("fetching", None)
-    repo, report = trio.run(lambda: runner.clone(address, target, repo_hex=repo_id, progress=progress.advance))
-    progress.finish()
+    repo, report = trio.run(
+        lambda: runner.clone(
+            address, target, repo_hex=repo_id, history_only=no_content, progress=output.TerminalProgress()
+        )
+    )
     state = repo.ref_state("refs/heads/main")
-    if state is not None and state.target is not None:
+    if state is not None and state.target is not None and not no_content:
         run_checkout(repo, "main", force=True)
     typer.echo(f"Cloned repository {repo.id.hex()[:12]} into {target}")
     if report.pulled:

@@ -11,7 +11,6 @@ stays stored, so a rerun (with this or another peer) fetches only the rest.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -20,6 +19,7 @@ from p2pvc.errors import CorruptionError, P2pvcError, PeerError
 from p2pvc.identity.keys import verify
 from p2pvc.node.client import PeerClient
 from p2pvc.objects import model
+from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.protocol import messages as m
 from p2pvc.protocol.messages import MEMBERS_KEY
 from p2pvc.refs import membership
@@ -65,30 +65,41 @@ class PullReport:
     incomplete: list[str] = field(default_factory=list)  # refs whose content the peer lacked
 
 
-ProgressFn = Callable[[int], None]
-
-
-async def pull(repo: Repository, client: PeerClient, *, progress: ProgressFn | None = None) -> PullReport:
+async def pull(repo: Repository, client: PeerClient, *, progress: Progress = NULL_PROGRESS) -> PullReport:
     report = PullReport(client.peer_id)
     remote = await client.heads()
     local = local_digests(repo.refs.update_ids_by_name(), [i for i, _ in repo.refs.membership_records()])
     names = [n for n in differing(local, remote) if n in remote]
-    if not names:
+    with_chunks = not repo.history_only
+    state = SyncState(repo.db)
+    # Refs whose content is not all here yet (after a history-only clone, or an interrupted pull).
+    unfinished = [s.target for s in repo.ref_states() if with_chunks and s.target and not state.is_complete(s.target)]
+    if not names and not unfinished:
         return report
-    records = await client.updates(names)
+    records = await client.updates(names) if names else []
     updates = _apply_members_and_parse(repo, records, report)
-    if not updates:
+    if not updates and not unfinished:
         return report
     before = {u.name: _target(repo, u.name) for u in updates}
-    state = SyncState(repo.db)
-    walker = ClosureWalker(repo.store.has, _loader(repo), state.is_complete)
+    walker = ClosureWalker(repo.store.has, _loader(repo), state.is_complete, with_chunks=with_chunks)
     for update in updates:
         if update.target is not None:
             walker.add(update.target)
+    for target in unfinished:
+        walker.add(target)
     with repo.store.session(SYNC_COMMIT_BYTES) as session:
-        await _fetch_objects(repo, client, walker, session, report)
-        await _fetch_chunks(client, walker, session, report, progress)
-    _apply_updates(repo, state, updates, report)
+        try:
+            await _fetch_objects(repo, client, walker, session, report)
+            await _fetch_chunks(client, walker, session, report, progress)
+        except BaseException:
+            # Everything pending was verified before it was appended: keep it, so a rerun
+            # (with this peer or another) fetches only the rest. Then report the failure.
+            with trio.CancelScope(shield=True):
+                session.commit()
+            raise
+    _apply_updates(repo, state, updates, report, with_chunks)
+    if unfinished and not walker.missing.chunks and not walker.missing.objects:
+        state.mark_complete(walker.commits)
     for name, old in before.items():
         new_state = repo.ref_state(name)
         new = new_state.target if new_state else None
@@ -173,10 +184,13 @@ async def _fetch_objects(repo: Repository, client: PeerClient, walker: ClosureWa
         session.commit()
 
 
-async def _fetch_chunks(client: PeerClient, walker: ClosureWalker, session: WriteSession, report, progress) -> None:
+async def _fetch_chunks(
+    client: PeerClient, walker: ClosureWalker, session: WriteSession, report: PullReport, progress: Progress
+) -> None:
     chunks = list(walker.missing.chunks.items())
     if not chunks:
         return
+    progress.start(f"from {client.peer_id[-8:]}", sum(size for _, size in chunks))
     batches = [chunks[i : i + CHUNK_BATCH] for i in range(0, len(chunks), CHUNK_BATCH)]
     send_batch, receive_batch = trio.open_memory_channel(len(batches))
     for batch in batches:
@@ -195,8 +209,7 @@ async def _fetch_chunks(client: PeerClient, walker: ClosureWalker, session: Writ
                     report.chunks_fetched += 1
                     report.bytes_fetched += len(stored)
                 walker.missing.chunks.pop(received.id, None)
-                if progress is not None:
-                    progress(received.raw_size)
+                progress.advance(received.raw_size)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -204,6 +217,8 @@ async def _fetch_chunks(client: PeerClient, walker: ClosureWalker, session: Writ
                 nursery.start_soon(worker)
     except BaseExceptionGroup as group:
         raise first_leaf(group) from None
+    finally:
+        progress.finish()
 
 
 def first_leaf(group: BaseExceptionGroup) -> BaseException:
@@ -231,11 +246,16 @@ def _check_commit_author(repo: Repository, client: PeerClient, oid: bytes, commi
         raise MisbehavingPeer(f"peer {client.peer_id} sent commit {oid.hex()[:12]} signed by a non-member")
 
 
-def _apply_updates(repo: Repository, state: SyncState, updates: list[RefUpdate], report: PullReport) -> None:
-    """Store each update whose closure is now complete; mark the closures complete."""
+def _apply_updates(
+    repo: Repository, state: SyncState, updates: list[RefUpdate], report: PullReport, with_chunks: bool
+) -> None:
+    """Store each update whose closure is now complete; mark the closures complete.
+
+    In a history-only replica the closure stops at manifests, and nothing is marked complete.
+    """
     for update in sorted(updates, key=lambda u: (u.clock, u.id)):
         if update.target is not None:
-            check = ClosureWalker(repo.store.has, _loader(repo), state.is_complete)
+            check = ClosureWalker(repo.store.has, _loader(repo), state.is_complete, with_chunks=with_chunks)
             check.add(update.target)
             missing = check.walk()
             if missing.objects or missing.chunks:
@@ -245,7 +265,8 @@ def _apply_updates(repo: Repository, state: SyncState, updates: list[RefUpdate],
                     update.name, report.peer, len(missing.objects), len(missing.chunks),
                 )
                 continue
-            state.mark_complete(check.commits)
+            if with_chunks:
+                state.mark_complete(check.commits)
         try:
             if repo.refs.add_verified(update):
                 report.updates_applied += 1

@@ -17,6 +17,7 @@ import trio
 
 from p2pvc.errors import P2pvcError, PeerError, UserError
 from p2pvc.node.service import ExchangeReport, Node
+from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.repo import Repository
 from p2pvc.sync.state import SyncState
 
@@ -32,7 +33,7 @@ def default_listen(host: str = "0.0.0.0", port: int = DEFAULT_PORT) -> list[str]
 
 @asynccontextmanager
 async def running_node(
-    repos: list[Repository], listen: list[str], *, progress: Callable[[int], None] | None = None
+    repos: list[Repository], listen: list[str], *, progress: Progress = NULL_PROGRESS
 ) -> AsyncIterator[Node]:
     from p2pvc.node.transport import open_node_host
 
@@ -72,7 +73,7 @@ class SyncResult:
     unreachable: list[tuple[str, str]] = field(default_factory=list)  # (address, reason)
 
 
-async def sync(repo: Repository, addresses: list[str], *, progress=None) -> SyncResult:
+async def sync(repo: Repository, addresses: list[str], *, progress: Progress = NULL_PROGRESS) -> SyncResult:
     """Exchange with each address (or every known peer); an unreachable peer does not stop the others."""
     state = SyncState(repo.db)
     targets = addresses or [p.address for p in state.peers()]
@@ -91,7 +92,14 @@ async def sync(repo: Repository, addresses: list[str], *, progress=None) -> Sync
     return result
 
 
-async def clone(address: str, path: Path, *, repo_hex: str | None = None, progress=None) -> tuple[Repository, ExchangeReport]:
+async def clone(
+    address: str,
+    path: Path,
+    *,
+    repo_hex: str | None = None,
+    history_only: bool = False,
+    progress: Progress = NULL_PROGRESS,
+) -> tuple[Repository, ExchangeReport]:
     """Create a replica of a repository served at `address` in `path`, and pull it."""
     from p2pvc.identity.keys import load_or_create
     from p2pvc.node.client import PeerClient
@@ -110,6 +118,8 @@ async def clone(address: str, path: Path, *, repo_hex: str | None = None, progre
             raise UserError(f"peer {peer_id} serves several repositories: {ids}", hint="choose one with --repo ID")
     repo = Repository.init_from_record(path, records[0], identity)
     try:
+        if history_only:
+            repo.set_history_only(True)
         SyncState(repo.db).add_peer(peer_id, address)
         result = await sync(repo, [address], progress=progress)
     except P2pvcError:

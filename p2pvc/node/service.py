@@ -17,7 +17,6 @@ announcing the same head do not fetch it twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -26,6 +25,7 @@ from p2pvc.errors import P2pvcError, PeerError
 from p2pvc.node.client import PeerClient
 from p2pvc.node.pull import PullReport, pull
 from p2pvc.node.server import RepoServer
+from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.protocol import messages as m
 from p2pvc.protocol.messages import MEMBERS_KEY
 from p2pvc.repo import Repository
@@ -56,7 +56,7 @@ class _RepoState:
 
 
 class Node:
-    def __init__(self, host, repos: list[Repository], *, progress: Callable[[int], None] | None = None) -> None:
+    def __init__(self, host, repos: list[Repository], *, progress: Progress = NULL_PROGRESS) -> None:
         self.host = host
         self.repos = {repo.id: _RepoState(repo) for repo in repos}
         self.progress = progress

@@ -79,15 +79,18 @@ def fsck(repo: Repository, progress: Progress = NULL_PROGRESS) -> FsckReport:
             for head in state.heads:
                 if head.target is None:
                     continue
-                for oid in _missing_reachable(repo, head.target):
-                    report.problems.append(Problem("missing", oid.hex(), f"object reachable from {state.name} is missing"))
+                for oid, kind in _missing_reachable(repo, head.target):
+                    report.problems.append(Problem("missing", oid.hex(), f"{kind} reachable from {state.name} is missing"))
     return report
 
 
-def _missing_reachable(repo: Repository, start: bytes) -> Iterator[bytes]:
+def _missing_reachable(repo: Repository, start: bytes) -> Iterator[tuple[bytes, str]]:
+    """Yield (id, kind) of missing objects; a history-only clone lacks chunks by design."""
     for oid, kind in _reachable(repo, [start], tolerate_missing=True):
-        if kind == "missing":
-            yield oid
+        if kind.startswith("missing "):
+            missing_kind = kind.removeprefix("missing ")
+            if not (missing_kind == "chunk" and repo.history_only):
+                yield oid, missing_kind
 
 
 def _reachable(repo: Repository, commits: list[bytes], *, tolerate_missing: bool = False):
@@ -101,7 +104,7 @@ def _reachable(repo: Repository, commits: list[bytes], *, tolerate_missing: bool
         seen.add(oid)
         if not repo.store.has(oid):
             if tolerate_missing:
-                yield oid, "missing"
+                yield oid, f"missing {kind}"
                 continue
             raise CorruptionError(f"{kind} {oid.hex()} is reachable but missing from the store")
         yield oid, kind

@@ -170,6 +170,7 @@ class CheckoutResult:
 def checkout(repo: Repository, rev: str, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> CheckoutResult:
     target_id = repo.resolve(rev)
     branch = _branch_named(repo, rev)
+    _require_content(repo, target_id, rev)
     with repo.lock():
         _ref, _head_id, head_flat = head_tree(repo)
         target_flat = commit_tree(repo, target_id)
@@ -210,6 +211,20 @@ def restore(repo: Repository, paths: list[str], source: str = "HEAD", progress: 
             progress.finish()
         cache.save()
     return applied
+
+
+def _require_content(repo: Repository, commit_id: bytes, rev: str) -> None:
+    """In a history-only clone, fail before touching files if the revision's content is not here."""
+    if not repo.history_only:
+        return
+    for entry in commit_tree(repo, commit_id).values():
+        if entry.kind == model.ENTRY_FILE:
+            manifest = repo.read_manifest(entry.target)
+            if any(not repo.store.has(c.id) for c in manifest.chunks):
+                raise UserError(
+                    f"the content of {rev} has not been fetched: this is a history-only clone",
+                    hint="run p2pvc sync --content to fetch file content from your peers",
+                )
 
 
 def _branch_named(repo: Repository, rev: str) -> str | None:
