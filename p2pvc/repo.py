@@ -184,6 +184,25 @@ class Repository:
         with self.db.write() as conn:
             self.db.set_meta(conn, "HEAD", value)
 
+    def worktree_base(self) -> bytes | None:
+        """Return the commit the working tree was last checked out at or committed as.
+
+        It differs from HEAD's commit when a peer moved the checked-out branch
+        (a sync or a serving node took a new head); uncommitted changes are
+        always relative to this base, never to the new head.
+        """
+        value = self.db.get_meta("worktree")
+        if value is not None and len(value) == ID_SIZE:
+            return value
+        return self.head()[1]
+
+    def set_worktree_base(self, commit_id: bytes | None) -> None:
+        with self.db.write() as conn:
+            if commit_id is None:
+                conn.execute("DELETE FROM meta WHERE key = 'worktree'")
+            else:
+                self.db.set_meta(conn, "worktree", commit_id)
+
     def ref_state(self, name: str) -> RefState | None:
         return self.refs.state(name, self.is_ancestor)
 

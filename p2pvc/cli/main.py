@@ -155,6 +155,7 @@ def status(as_json: JsonOption = False) -> None:
             {
                 "ref": result.ref,
                 "head": _hex(result.head),
+                "base": _hex(result.base),
                 "changes": [_change_json(c) for c in result.changes],
                 "skipped": [{"path": output.path_text(p), "reason": r} for p, r in result.skipped],
                 "conflicted_refs": result.conflicted_refs,
@@ -163,6 +164,11 @@ def status(as_json: JsonOption = False) -> None:
         return
     where = result.ref.removeprefix("refs/heads/") if result.ref else "detached HEAD"
     typer.echo(f"On {where}" + (f" at {result.head.hex()[:12]}" if result.head else " (no commits yet)"))
+    if result.head is not None and result.base != result.head:
+        typer.echo(
+            f"The working tree is based on {result.base.hex()[:12] if result.base else 'nothing'}: a peer moved "
+            f"{where}. Changes below are relative to that base; p2pvc checkout {where} brings in the new commits."
+        )
     for name in result.conflicted_refs:
         typer.echo(f"CONFLICT: {name} has divergent heads (p2pvc conflicts)")
     if not result.changes:
@@ -553,6 +559,10 @@ def sync(
     content: Annotated[
         bool, typer.Option("--content", help="In a history-only clone: from now on fetch file content too.")
     ] = False,
+    checkout: Annotated[
+        bool,
+        typer.Option(help="Update the working tree when the checked-out branch moved (never over uncommitted work)."),
+    ] = True,
     as_json: JsonOption = False,
 ) -> None:
     """Exchange refs and content with peers in both directions."""
@@ -564,15 +574,39 @@ def sync(
     repo = _open()
     if content and repo.history_only:
         repo.set_history_only(False)
+    head_ref, head_before = repo.head()
     result = trio.run(lambda: runner.sync(repo, list(peers or []), progress=output.TerminalProgress()))
+    updated = _update_worktree(repo, head_ref, head_before) if checkout else None
     if as_json:
-        output.emit_json(_sync_json(result))
+        value = _sync_json(result)
+        value["worktree"] = updated
+        output.emit_json(value)
     else:
         _print_sync(result)
+        if updated:
+            typer.echo(updated)
     failed = [r for r in result.reports if r.error]
     if result.unreachable or failed:
         names = [a for a, _ in result.unreachable] + [r.peer for r in failed]
         raise PeerError(f"could not sync with {len(names)} peer(s): {', '.join(names)}", hint="the others were synced")
+
+
+def _update_worktree(repo, head_ref: str | None, head_before: bytes | None) -> str | None:
+    """Check out the branch HEAD follows if a sync moved it; return a line saying what happened."""
+    from p2pvc.errors import ConflictError
+    from p2pvc.ops.worktree_ops import checkout as run_checkout
+
+    if head_ref is None or repo.history_only:
+        return None
+    _, head_after = repo.head()
+    if head_after is None or head_after == head_before:
+        return None
+    short = head_ref.removeprefix("refs/heads/")
+    try:
+        run_checkout(repo, short, progress=output.TerminalProgress())
+    except ConflictError:
+        return f"{short} moved to {head_after.hex()[:12]}; the working tree has uncommitted changes, so it was left as it is (p2pvc checkout {short} updates it)"
+    return f"Updated the working tree to {short} at {head_after.hex()[:12]}"
 
 
 def _sync_json(result) -> dict:

@@ -66,6 +66,11 @@ class Diff:
 def diff(repo: Repository, old: str | None, new: str | None, progress: Progress = NULL_PROGRESS) -> Diff:
     """Compare two revisions, or a revision (default HEAD) and the working tree when `new` is None."""
     old_rev = old or "HEAD"
+    if old is None and new is None and repo.worktree_base() not in (None, repo.head()[1]):
+        # A peer moved the branch: uncommitted changes are relative to the checked-out commit.
+        base = repo.worktree_base()
+        assert base is not None
+        old_rev = base.hex()
     old_flat = _tree_of(repo, old_rev)
     old_chunks = _chunk_ids(repo, old_flat)
     if new is not None:

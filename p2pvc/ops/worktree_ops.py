@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from p2pvc.errors import UserError
+from p2pvc.errors import ConflictError, UserError
 from p2pvc.objects import model
 from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.refs.records import BRANCH_PREFIX
@@ -26,6 +26,14 @@ def head_tree(repo: Repository) -> tuple[str | None, bytes | None, FlatTree]:
         return ref, None, {}
     tree = repo.read_commit(head_id).commit.tree
     return ref, head_id, flatten(repo.read_tree, tree)
+
+
+def base_tree(repo: Repository) -> tuple[bytes | None, FlatTree]:
+    """Return the commit the working tree is based on, and its tree."""
+    base = repo.worktree_base()
+    if base is None or not repo.store.has(base):
+        return None, {}
+    return base, commit_tree(repo, base)
 
 
 def commit_tree(repo: Repository, commit_id: bytes) -> FlatTree:
@@ -85,6 +93,14 @@ def commit(
     repo.require_member()
     with repo.lock():
         ref, head_id, head_flat = head_tree(repo)
+        base = repo.worktree_base()
+        if head_id is not None and base != head_id:
+            short = (ref or "HEAD").removeprefix("refs/heads/")
+            raise ConflictError(
+                f"{short} moved to {head_id.hex()[:12]} (from a peer) after this working tree was checked out "
+                f"at {base.hex()[:12] if base else 'nothing'}; committing now would undo that change",
+                hint=f"run p2pvc checkout {short} to bring it in (uncommitted changes to other files are kept), then commit",
+            )
         scanned = scan(repo.worktree)
         captured = _capture(repo, scanned, head_flat, store_content=True, progress=progress, label="storing")
         changes = compare(state_of(head_flat), captured.flat)
@@ -107,6 +123,7 @@ def commit(
             repo.set_ref(ref, commit_id, expected=head_id)
         else:
             repo.set_head(commit_id)
+        repo.set_worktree_base(commit_id)
     files = [s for s in captured.flat.values() if s[0] == model.ENTRY_FILE]
     return CommitResult(
         id=commit_id,
@@ -148,16 +165,18 @@ class Status:
     changes: list[Change]
     skipped: list[tuple[bytes, str]] = field(default_factory=list)
     conflicted_refs: list[str] = field(default_factory=list)
+    base: bytes | None = None  # the commit the working tree is based on; differs from head after a peer moved it
 
 
 def status(repo: Repository, progress: Progress = NULL_PROGRESS) -> Status:
     with repo.lock():
-        ref, head_id, head_flat = head_tree(repo)
+        ref, head_id = repo.head()
+        base, base_flat = base_tree(repo)
         scanned = scan(repo.worktree)
-        captured = _capture(repo, scanned, head_flat, store_content=False, progress=progress, label="hashing")
-    changes = compare(state_of(head_flat), captured.flat)
+        captured = _capture(repo, scanned, base_flat, store_content=False, progress=progress, label="hashing")
+    changes = compare(state_of(base_flat), captured.flat)
     conflicted = [s.name for s in repo.ref_states() if s.conflicted]
-    return Status(ref, head_id, changes, scanned.skipped, conflicted)
+    return Status(ref, head_id, changes, scanned.skipped, conflicted, base)
 
 
 @dataclass
@@ -172,11 +191,11 @@ def checkout(repo: Repository, rev: str, *, force: bool = False, progress: Progr
     branch = _branch_named(repo, rev)
     _require_content(repo, target_id, rev)
     with repo.lock():
-        _ref, _head_id, head_flat = head_tree(repo)
+        _base, base_flat = base_tree(repo)
         target_flat = commit_tree(repo, target_id)
         scanned = scan(repo.worktree)
-        work = _capture(repo, scanned, head_flat, store_content=False, progress=progress, label="checking")
-        the_plan = co.plan(state_of(head_flat), work.flat, state_of(target_flat), force=force)
+        work = _capture(repo, scanned, base_flat, store_content=False, progress=progress, label="checking")
+        the_plan = co.plan(state_of(base_flat), work.flat, state_of(target_flat), force=force)
         cache = StatCache(repo.db)
         progress.start("writing", the_plan.write_bytes)
         try:
@@ -185,6 +204,7 @@ def checkout(repo: Repository, rev: str, *, force: bool = False, progress: Progr
             progress.finish()
         cache.save()
         repo.set_head(branch if branch else target_id)
+        repo.set_worktree_base(target_id)
     return CheckoutResult(target_id, branch, applied)
 
 
@@ -193,7 +213,7 @@ def restore(repo: Repository, paths: list[str], source: str = "HEAD", progress: 
     source_id = repo.resolve(source)
     rel = [relative_path(repo, p) for p in paths]
     with repo.lock():
-        _ref, _head_id, head_flat = head_tree(repo)
+        _base, head_flat = base_tree(repo)
         source_flat = commit_tree(repo, source_id)
         for path in rel:
             if path and path not in source_flat:

@@ -81,6 +81,8 @@ def plan(head: FlatState, work: FlatState, target: FlatState, *, force: bool, on
         want, have = target[path], work.get(path)
         if _same(want, have):
             continue
+        if path in head and _same(want, head[path]) and not force:
+            continue  # the checkout does not change this path: keep the working copy, edited or not
         if have is not None and dirty(path) and not force:
             kind = "untracked" if path not in head else "modified"
             result.blocked.append((path, f"{kind} in the working tree and different in the checkout"))
