@@ -223,8 +223,12 @@ class Repository:
                 hint="show your key with p2pvc id and ask a member to run: p2pvc member add KEY",
             )
 
-    def set_ref(self, name: str, target: bytes | None, *, expected: bytes | None | type[...] = ...):
-        return self.refs.set(self.identity, name, target, expected=expected, is_ancestor=self.is_ancestor)
+    def set_ref(
+        self, name: str, target: bytes | None, *, expected: bytes | None | type[...] = ..., supersede_all: bool = False
+    ):
+        return self.refs.set(
+            self.identity, name, target, expected=expected, is_ancestor=self.is_ancestor, supersede_all=supersede_all
+        )
 
     # Revisions ----------------------------------------------------------------
 

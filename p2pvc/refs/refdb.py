@@ -175,13 +175,19 @@ class RefDB:
         *,
         expected: bytes | None | type[...] = ...,
         is_ancestor: IsAncestor,
+        supersede_all: bool = False,
     ) -> RefUpdate:
-        """Write a signed update of `name` to `target` that supersedes the current heads.
+        """Write a signed update of `name` to `target`.
 
         `expected` is the commit the caller based its change on; when the ref's
         value differs at write time, nothing is written and ConflictError says
         so. The check and the insert run in one IMMEDIATE transaction, so two
         processes cannot both succeed from the same starting point.
+
+        The update supersedes only the current heads that `target` descends
+        from, so an ordinary commit on a conflicted branch leaves the other
+        head listed and reachable. `supersede_all` (resolving a conflict, a
+        deletion) retires every current head on purpose.
         """
         check_ref_name(name)
         if identity.public_key not in self.members().current:
@@ -204,7 +210,7 @@ class RefDB:
                 target=target,
                 clock=self.next_timestamp(conn),
                 author=identity.public_key,
-                supersedes=tuple(h.id for h in current.heads) if current else (),
+                supersedes=_superseded(current, target, is_ancestor, supersede_all or target is None),
             )
             update = _sign(identity, update)
             self._insert(conn, update)
@@ -259,6 +265,16 @@ class RefDB:
                 f"ref update {update.id.hex()[:12]} of {update.name} is signed by {update.author.hex()[:16]}, "
                 "who was not a member of the repository at that time"
             )
+
+
+def _superseded(current: RefState | None, target: bytes | None, is_ancestor: IsAncestor, everything: bool) -> tuple[bytes, ...]:
+    if current is None:
+        return ()
+    if everything:
+        return tuple(h.id for h in current.heads)
+    return tuple(
+        h.id for h in current.heads if h.target is not None and target is not None and is_ancestor(h.target, target)
+    )
 
 
 def _sign(identity: Identity, update: RefUpdate) -> RefUpdate:
