@@ -179,10 +179,13 @@ class Repository:
         state = self.ref_state(name)
         return name, state.target if state else None
 
-    def set_head(self, target: str | bytes) -> None:
+    def set_head(self, target: str | bytes, *, worktree_base: bytes | None = None) -> None:
+        """Point HEAD at a ref name or a commit id; with `worktree_base`, record it in the same transaction."""
         value = target.encode() if isinstance(target, str) else target
         with self.db.write() as conn:
             self.db.set_meta(conn, "HEAD", value)
+            if worktree_base is not None:
+                self.db.set_meta(conn, "worktree", worktree_base)
 
     def worktree_base(self) -> bytes | None:
         """Return the commit the working tree was last checked out at or committed as.
@@ -224,10 +227,24 @@ class Repository:
             )
 
     def set_ref(
-        self, name: str, target: bytes | None, *, expected: bytes | None | type[...] = ..., supersede_all: bool = False
+        self,
+        name: str,
+        target: bytes | None,
+        *,
+        expected: bytes | None | type[...] = ...,
+        supersede_all: bool = False,
+        worktree_base: bytes | None = None,
     ):
+        """Write a signed ref update; with `worktree_base`, record that base in the same transaction."""
+        meta = {"worktree": worktree_base} if worktree_base is not None else None
         return self.refs.set(
-            self.identity, name, target, expected=expected, is_ancestor=self.is_ancestor, supersede_all=supersede_all
+            self.identity,
+            name,
+            target,
+            expected=expected,
+            is_ancestor=self.is_ancestor,
+            supersede_all=supersede_all,
+            meta=meta,
         )
 
     # Revisions ----------------------------------------------------------------

@@ -357,11 +357,12 @@ def show(
     from p2pvc.ops.history import ref_names_by_commit
 
     repo = _open()
-    oid = repo.resolve(rev)
-    info = repo.read_commit(oid)
+    with repo.lock():
+        oid = repo.resolve(rev)
+        info = repo.read_commit(oid)
+        names = ref_names_by_commit(repo).get(oid, [])
     parent = info.commit.parents[0].hex() if info.commit.parents else None
     changes = run_diff(repo, parent, oid.hex()) if parent else None
-    names = ref_names_by_commit(repo).get(oid, [])
     if as_json:
         value = _commit_json(info, names)
         value["changes"] = [dict(_change_json(e.change), new_bytes=e.new_bytes) for e in changes.entries] if changes else []
@@ -533,6 +534,7 @@ def serve(
         Optional[list[Path]], typer.Option("--repo", help="Serve this repository (repeatable; default: the current one).")
     ] = None,
     anti_entropy: Annotated[float, typer.Option(help="Seconds between full exchanges with known peers.")] = 30.0,
+    mdns: Annotated[bool, typer.Option("--mdns", help="Find and sync with peers on the local network by mDNS.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ) -> None:
     """Serve repositories to peers in the foreground until Ctrl-C or SIGTERM."""
@@ -549,7 +551,9 @@ def serve(
             typer.echo(f"listening on {address}", err=True)
 
     trio.run(
-        lambda: runner.serve(repos, runner.default_listen(listen, port), anti_entropy_s=anti_entropy, on_ready=ready)
+        lambda: runner.serve(
+            repos, runner.default_listen(listen, port), anti_entropy_s=anti_entropy, mdns=mdns, on_ready=ready
+        )
     )
 
 

@@ -49,6 +49,7 @@ async def serve(
     listen: list[str],
     *,
     anti_entropy_s: float,
+    mdns: bool = False,
     on_ready: Callable[[list[str], str], None] | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM; then stop within STOP_TIMEOUT_S."""
@@ -60,6 +61,11 @@ async def serve(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.watch_local_records)
             nursery.start_soon(node.anti_entropy, anti_entropy_s)
+            if mdns:
+                from p2pvc.node.discovery import run_mdns
+
+                port = int(node.host.listen_addresses()[0].split("/tcp/")[1].split("/")[0])
+                nursery.start_soon(run_mdns, node.host.libp2p_host, port, node.exchange_with_discovered)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     log.info("received %s, stopping", signal.Signals(signum).name)

@@ -60,6 +60,10 @@ class RepoServer:
                 raise m.ProtocolViolation(f"{type(request).__name__} is not a request")
             await _send_error(stream, m.ERR_UNKNOWN_REPOSITORY, f"repository {repo_id.hex()[:12]} is not served here")
             return
+        with repo.lock():  # gc must not move records while this request reads them
+            await self._answer(stream, repo, request)
+
+    async def _answer(self, stream: FrameStream, repo: Repository, request: m.Message) -> None:
         if isinstance(request, m.HeadsRequest):
             digests = local_digests(repo.refs.update_ids_by_name(), [i for i, _ in repo.refs.membership_records()])
             await stream.send(m.HeadsResponse(digests))

@@ -76,7 +76,8 @@ class Node:
         client = self.client(peer_id, repo)
         try:
             async with state.lock:
-                report.pulled = await pull(repo, client, progress=self.progress)
+                with repo.lock():
+                    report.pulled = await pull(repo, client, progress=self.progress)
             if report.pulled.updates_applied or report.pulled.members_applied:
                 log.info(
                     "pulled from %s: %d ref update(s), %d object(s), %d chunk(s), %d bytes",
@@ -145,6 +146,19 @@ class Node:
                     await client.announce(records[start : start + ANNOUNCE_BATCH])
         except (P2pvcError, m.ProtocolViolation, trio.TooSlowError) as exc:
             log.info("announcement to %s failed (anti-entropy will retry): %s", peer_id, exc)
+
+    async def exchange_with_discovered(self, peer_id: str, address: str) -> bool:
+        """Dial a peer found on the LAN and exchange every repository it also serves; False if unreachable."""
+        try:
+            await self.host.connect(address)
+        except PeerError as exc:
+            log.info("peer %s found by mDNS is unreachable: %s", peer_id, exc.message)
+            return False
+        for state in self.repos.values():
+            report = await self.exchange(peer_id, state.repo)
+            if report.error and "is not served" in report.error:
+                log.debug("peer %s does not serve %s", peer_id, state.repo.id.hex()[:12])
+        return True
 
     # Background tasks -----------------------------------------------------------
 

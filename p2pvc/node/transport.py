@@ -61,6 +61,10 @@ class NodeHost:
     def peer_id(self) -> str:
         return self._host.peer_id.to_base58()
 
+    @property
+    def libp2p_host(self):
+        return self._host.libp2p_host
+
     def listen_addresses(self) -> list[str]:
         return [str(a) for a in self._host.listen_addrs]
 

@@ -25,16 +25,17 @@ def log(
     limit: int | None = None,
     meta_filters: dict[str, str] | None = None,
 ) -> list[CommitInfo]:
-    starts = [repo.resolve(r) for r in (revs or ["HEAD"])]
     result = []
-    for info in repo.walk_commits(starts):
-        if meta_filters:
-            metadata = dict(info.commit.metadata)
-            if any(metadata.get(k) != v for k, v in meta_filters.items()):
-                continue
-        result.append(info)
-        if limit is not None and len(result) >= limit:
-            break
+    with repo.lock():  # gc must not move records while they are read
+        starts = [repo.resolve(r) for r in (revs or ["HEAD"])]
+        for info in repo.walk_commits(starts):
+            if meta_filters:
+                metadata = dict(info.commit.metadata)
+                if any(metadata.get(k) != v for k, v in meta_filters.items()):
+                    continue
+            result.append(info)
+            if limit is not None and len(result) >= limit:
+                break
     return result
 
 
@@ -65,6 +66,11 @@ class Diff:
 
 def diff(repo: Repository, old: str | None, new: str | None, progress: Progress = NULL_PROGRESS) -> Diff:
     """Compare two revisions, or a revision (default HEAD) and the working tree when `new` is None."""
+    with repo.lock():  # gc must not move records while they are read
+        return _diff(repo, old, new, progress)
+
+
+def _diff(repo: Repository, old: str | None, new: str | None, progress: Progress) -> Diff:
     old_rev = old or "HEAD"
     if old is None and new is None and repo.worktree_base() not in (None, repo.head()[1]):
         # A peer moved the branch: uncommitted changes are relative to the checked-out commit.
@@ -78,15 +84,14 @@ def diff(repo: Repository, old: str | None, new: str | None, progress: Progress 
         new_state = state_of(new_flat)
         manifests: dict[bytes, model.Manifest] = {}
     else:
-        with repo.lock():
-            scanned = scan(repo.worktree)
-            cache = StatCache(repo.db)
-            progress.start("hashing", bytes_to_read(scanned, cache))
-            try:
-                with Ingester(None, progress=progress.advance) as ingester:
-                    captured = capture(repo.worktree, scanned, old_flat, repo.store, cache, ingester, None)
-            finally:
-                progress.finish()
+        scanned = scan(repo.worktree)
+        cache = StatCache(repo.db)
+        progress.start("hashing", bytes_to_read(scanned, cache))
+        try:
+            with Ingester(None, progress=progress.advance) as ingester:
+                captured = capture(repo.worktree, scanned, old_flat, repo.store, cache, ingester, None)
+        finally:
+            progress.finish()
         new_state = captured.flat
         manifests = captured.manifests
     entries = []

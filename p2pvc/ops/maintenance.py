@@ -15,7 +15,7 @@ from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.refs.records import decode_ref_update
 from p2pvc.repo import Repository
 from p2pvc.store.objectstore import remove_file
-from p2pvc.store.pack import KIND_CHUNK, RECORD_HEADER, fsync_dir
+from p2pvc.store.pack import KIND_CHUNK, PACK_MAGIC, RECORD_HEADER, fsync_dir
 
 # fsck ----------------------------------------------------------------------------
 
@@ -75,7 +75,12 @@ def fsck(repo: Repository, progress: Progress = NULL_PROGRESS) -> FsckReport:
                 repo.refs._check_signature(update)
             except CorruptionError as exc:
                 report.problems.append(Problem("bad-ref-update", update_id.hex(), exc.message))
-        for state in repo.ref_states():
+        try:
+            states = repo.ref_states()
+        except CorruptionError as exc:
+            report.problems.append(Problem("bad-ref-update", "-", exc.message))
+            states = []
+        for state in states:
             for head in state.heads:
                 if head.target is None:
                     continue
@@ -164,15 +169,54 @@ def gc(repo: Repository, *, dry_run: bool = False, progress: Progress = NULL_PRO
             by_pack.setdefault(entry.pack_name, []).append(entry)
         for name, entries in by_pack.items():
             dead = [e for e in entries if e.id not in live]
-            if not dead:
+            file_size = _file_size(repo.store.packs_dir / name)
+            indexed = len(PACK_MAGIC) + sum(RECORD_HEADER.size + e.stored_size for e in entries)
+            # Unindexed bytes: torn tails of crashed writers, and duplicate records that lost
+            # the race to the index when two processes stored the same chunk.
+            unindexed = max(0, file_size - indexed)
+            if not dead and unindexed < max(WASTE_MIN_BYTES, WASTE_FRACTION * file_size):
                 continue
             report.removed_objects += len(dead)
-            report.freed_bytes += sum(RECORD_HEADER.size + e.stored_size for e in dead)
+            report.freed_bytes += sum(RECORD_HEADER.size + e.stored_size for e in dead) + unindexed
             report.packs_rewritten += 1
             if not dry_run:
                 _rewrite_pack(repo, name, [e for e in entries if e.id in live], [e.id for e in dead])
+        report.freed_bytes += _drop_empty_packs(repo, dry_run, report)
         report.orphan_packs_removed = _remove_orphans(repo, dry_run)
     return report
+
+
+WASTE_MIN_BYTES = 1024 * 1024  # unindexed bytes in a pack worth a rewrite...
+WASTE_FRACTION = 0.05  # ...or this share of the pack, whichever is larger
+
+
+def _file_size(path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _drop_empty_packs(repo: Repository, dry_run: bool, report: GcReport) -> int:
+    """Remove registered packs that hold no indexed record (left by failed or crashed writes).
+
+    Asks the index after the rewrites, so packs that a rewrite just filled are kept.
+    """
+    freed = 0
+    rows = repo.db.conn.execute(
+        "SELECT pack_id, name FROM packs WHERE pack_id NOT IN (SELECT DISTINCT pack_id FROM objects)"
+    ).fetchall()
+    for pack_id, name in rows:
+        path = repo.store.packs_dir / name
+        freed += _file_size(path)
+        report.packs_rewritten += 1
+        if dry_run:
+            continue
+        with repo.db.write() as conn:
+            conn.execute("DELETE FROM packs WHERE pack_id = ?", (pack_id,))
+        repo.store.forget_pack(name)
+        remove_file(path)
+    return freed
 
 
 def _rewrite_pack(repo: Repository, name: str, keep: list, drop: list[bytes]) -> None:

@@ -119,11 +119,12 @@ def commit(
             commit_id = session.put_object(signed)
         SyncState(repo.db).mark_complete([commit_id])  # built from stored objects: nothing to fetch
         # Objects first, ref last: the ref never names anything that is not durable.
+        # The branch and the working tree's base move in one transaction: a crash between
+        # two writes would leave the next commit refused as if a peer had moved the branch.
         if ref is not None:
-            repo.set_ref(ref, commit_id, expected=head_id)
+            repo.set_ref(ref, commit_id, expected=head_id, worktree_base=commit_id)
         else:
-            repo.set_head(commit_id)
-        repo.set_worktree_base(commit_id)
+            repo.set_head(commit_id, worktree_base=commit_id)
     files = [s for s in captured.flat.values() if s[0] == model.ENTRY_FILE]
     return CommitResult(
         id=commit_id,
@@ -203,8 +204,7 @@ def checkout(repo: Repository, rev: str, *, force: bool = False, progress: Progr
         finally:
             progress.finish()
         cache.save()
-        repo.set_head(branch if branch else target_id)
-        repo.set_worktree_base(target_id)
+        repo.set_head(branch if branch else target_id, worktree_base=target_id)
     return CheckoutResult(target_id, branch, applied)
 
 

@@ -121,8 +121,12 @@ class RefDB:
             try:
                 update = self._check(bytes(record))
             except CorruptionError as exc:
-                log.warning("ignoring stored ref update %s: %s", bytes(row_id).hex()[:12], exc.message)
-                continue
+                # Every stored row was verified when it was stored, so this is local damage. Skipping
+                # it would silently move the ref back (and let gc delete what only it reached).
+                raise CorruptionError(
+                    f"stored ref update {bytes(row_id).hex()[:12]} of {name} is damaged: {exc.message}",
+                    hint="run p2pvc fsck; restore the repository folder from a backup or clone it again from a peer",
+                ) from exc
             result.append(update)
         return result
 
@@ -176,6 +180,7 @@ class RefDB:
         expected: bytes | None | type[...] = ...,
         is_ancestor: IsAncestor,
         supersede_all: bool = False,
+        meta: dict[str, bytes] | None = None,
     ) -> RefUpdate:
         """Write a signed update of `name` to `target`.
 
@@ -187,7 +192,8 @@ class RefDB:
         The update supersedes only the current heads that `target` descends
         from, so an ordinary commit on a conflicted branch leaves the other
         head listed and reachable. `supersede_all` (resolving a conflict, a
-        deletion) retires every current head on purpose.
+        deletion) retires every current head on purpose. `meta` rows are written
+        in the same transaction (the working tree's base moves with the branch).
         """
         check_ref_name(name)
         if identity.public_key not in self.members().current:
@@ -214,6 +220,8 @@ class RefDB:
             )
             update = _sign(identity, update)
             self._insert(conn, update)
+            for key, value in (meta or {}).items():
+                self.db.set_meta(conn, key, value)
         return update
 
     def check_acceptable(self, update: RefUpdate) -> None:

@@ -65,22 +65,34 @@ class Database:
         so a read-then-write inside it (a compare-and-swap) cannot race another writer."""
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise StorageError(f"cannot lock the repository database {self.path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise self._error("cannot lock the repository database", exc) from exc
         try:
             yield self.conn
         except sqlite3.Error as exc:
-            self.conn.execute("ROLLBACK")
-            raise StorageError(f"write to the repository database {self.path} failed: {exc}") from exc
+            self._rollback()
+            raise self._error("write to the repository database failed", exc) from exc
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         try:
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                self.conn.execute("ROLLBACK")
-            raise StorageError(f"cannot commit to the repository database {self.path}: {exc}") from exc
+            self._rollback()
+            raise self._error("cannot commit to the repository database", exc) from exc
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back (for example on a full disk); then ROLLBACK fails.
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("ROLLBACK")
+
+    def _error(self, action: str, exc: sqlite3.Error) -> StorageError:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return StorageError(
+                f"disk full while writing the repository database {self.path}; nothing was committed",
+                hint="free some space (p2pvc gc removes unreachable data) and run the command again",
+            )
+        return StorageError(f"{action} {self.path}: {exc}")
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

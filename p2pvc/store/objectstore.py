@@ -178,6 +178,8 @@ class WriteSession:
                 self.commit()
         finally:
             if self._appender is not None:
+                if exc_type is not None or self._pending:
+                    self._appender.discard_tail()
                 self._appender.close()
                 self._appender = None
 
@@ -243,6 +245,7 @@ class WriteSession:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(oid, k, appender.pack_id, off, st, raw, codec) for oid, (k, off, st, raw, codec) in self._pending.items()],
             )
+        appender.mark_durable()
         self._pending.clear()
         self._pending_bytes = 0
         if appender.size >= PACK_TARGET_SIZE:
@@ -259,11 +262,22 @@ class WriteSession:
             "SELECT pack_id, name, size FROM packs WHERE size < ? ORDER BY pack_id DESC LIMIT 4",
             (PACK_TARGET_SIZE,),
         ).fetchall()
-        for pack_id, name, size in rows:
+        for pack_id, name, _size in rows:
+
+            def indexed_size(pack_id: int = pack_id) -> int:
+                row = self.store.db.conn.execute("SELECT size FROM packs WHERE pack_id = ?", (pack_id,)).fetchone()
+                if row is None:
+                    raise BlockingIOError  # removed by gc meanwhile: try another pack
+                return row[0]
+
             try:
-                return PackAppender(self.store.packs_dir / name, pack_id, size, new=False)
-            except BlockingIOError:
-                continue  # another process appends to it
+                appender = PackAppender(self.store.packs_dir / name, pack_id, indexed_size, new=False)
+            except (BlockingIOError, FileNotFoundError):
+                continue  # another process appends to it, or gc removed it
+            if appender.size >= PACK_TARGET_SIZE:
+                appender.close()
+                continue
+            return appender
         return None
 
     def _new_pack(self) -> PackAppender:

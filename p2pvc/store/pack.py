@@ -20,6 +20,7 @@ import os
 import queue
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,16 @@ class PackAppender:
     """Appends records to one pack, holding an exclusive flock on it so no
     other process appends at the same time. Not thread-safe."""
 
-    def __init__(self, path: Path, pack_id: int, durable_size: int, *, new: bool) -> None:
+    def __init__(
+        self, path: Path, pack_id: int, durable_size: int | Callable[[], int], *, new: bool
+    ) -> None:
+        """Open and lock a pack for appending.
+
+        For an existing pack, `durable_size` is a function that reads the indexed
+        size: it is called only after the lock is held, because another process
+        may append and commit right up to the moment we take the lock, and a size
+        read before that would truncate its records.
+        """
         self.path = path
         self.pack_id = pack_id
         try:
@@ -74,21 +84,41 @@ class PackAppender:
         except BlockingIOError:
             os.close(self._fd)
             raise
+        self._writer: _BackgroundWriter | None = None
         try:
             if new:
                 os.write(self._fd, PACK_MAGIC)
-                durable_size = len(PACK_MAGIC)
+                size = len(PACK_MAGIC)
             else:
+                size = durable_size() if callable(durable_size) else durable_size
                 # Drop a torn tail that a crashed writer left past the indexed size.
-                os.ftruncate(self._fd, durable_size)
-            os.lseek(self._fd, durable_size, os.SEEK_SET)
+                os.ftruncate(self._fd, size)
+            os.lseek(self._fd, size, os.SEEK_SET)
         except OSError as exc:
             self.close()
             raise storage_error("preparing pack", path, exc) from exc
-        self.size = durable_size  # bytes appended, durable or not
+        self.size = size  # bytes appended, durable or not
+        self.durable_size = size  # bytes fsynced and indexed
         self._buffer: list[bytes] = []  # parts not yet handed to the writer
         self._buffered = 0  # bytes in _buffer
-        self._writer: _BackgroundWriter | None = None
+
+    def mark_durable(self) -> None:
+        """Record that everything appended so far is synced and indexed."""
+        self.durable_size = self.size
+
+    def discard_tail(self) -> None:
+        """Drop what was appended after the last durable point (a failed write session),
+        so a failure such as a full disk frees the space it took."""
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer = None
+        self._buffer = []
+        self._buffered = 0
+        try:
+            os.ftruncate(self._fd, self.durable_size)
+        except OSError:
+            pass  # the next writer of this pack, or gc, truncates it
+        self.size = self.durable_size
 
     BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held before they go to the writer thread
 
