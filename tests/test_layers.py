@@ -27,7 +27,14 @@ FORBIDDEN = {
     "ops": {"cli", "trio", "libp2p", "typer"},
     "repo": {"worktree", "ops", "cli", "trio", "libp2p", "typer"},
     "progress": {"trio", "libp2p", "typer"},
+    "protocol": {"store", "refs", "worktree", "ops", "repo", "sync", "node", "net", "cli", "trio", "libp2p", "typer"},
+    "sync": {"worktree", "ops", "node", "net", "cli", "trio", "libp2p", "typer"},
+    "net": {"objects", "store", "refs", "worktree", "ops", "repo", "sync", "node", "cli", "typer"},
+    "node": {"cli", "typer"},
 }
+# The pure layers also stay free of the network and CLI layers added on top.
+for _layer in ("errors", "objects", "identity", "store", "refs", "worktree", "ops", "repo", "progress"):
+    FORBIDDEN[_layer] |= {"protocol", "node", "net"} if _layer != "ops" else {"node", "net"}
 
 
 def _imported_names(path: Path) -> set[str]:
