@@ -182,7 +182,6 @@ def test_symlink_outside_not_followed(repo_cli: Cli, worktree: Path, tmp_path: P
     assert snapshot_tree(outside) == outside_before
 
 
-@pytest.mark.xfail(reason="cli/output.path_text shows an undecodable byte as \\udcff, not the \\xff it promises", strict=True)
 def test_non_utf8_name_display(repo_cli: Cli, worktree: Path) -> None:
     with open(os.path.join(os.fsencode(worktree), b"bad\xff"), "wb") as f:
         f.write(b"1")
@@ -383,10 +382,6 @@ def build_folder_to_file(cli: Cli, worktree: Path) -> None:
     write_file(worktree / "x" / "untracked", b"mine")
 
 
-@pytest.mark.xfail(
-    reason="checkout.apply finds the non-empty folder only while writing, after earlier paths were changed",
-    strict=True,
-)
 def test_checkout_conflict_changes_nothing(repo_cli: Cli, worktree: Path) -> None:
     build_folder_to_file(repo_cli, worktree)
     before = snapshot_tree(worktree)
@@ -394,7 +389,6 @@ def test_checkout_conflict_changes_nothing(repo_cli: Cli, worktree: Path) -> Non
     assert snapshot_tree(worktree) == before
 
 
-@pytest.mark.xfail(reason="checkout._write leaves its temporary file when _clear raises ConflictError", strict=True)
 def test_checkout_conflict_no_temp_file(repo_cli: Cli, worktree: Path) -> None:
     build_folder_to_file(repo_cli, worktree)
     repo_cli.run("checkout", "--force", "main")
@@ -404,11 +398,6 @@ def test_checkout_conflict_no_temp_file(repo_cli: Cli, worktree: Path) -> None:
 LINUX_DEFAULT_OPEN_FILES = 1024  # the usual soft `ulimit -n`
 
 
-@pytest.mark.xfail(
-    reason="checkout._SafeTree keeps one open descriptor per folder until the end, so more folders "
-    "than the open-file limit fail with EMFILE",
-    strict=True,
-)
 def test_checkout_many_folders(repo_cli: Cli, worktree: Path) -> None:
     for index in range(LINUX_DEFAULT_OPEN_FILES + 100):
         write_file(worktree / f"d{index:04}" / "f", str(index).encode())
@@ -455,7 +444,6 @@ def remove_deep_tree(root: Path) -> None:
         path = path.parent
 
 
-@pytest.mark.xfail(reason="scan._scan_dir recurses once per folder level: RecursionError past about 1000", strict=True)
 def test_status_deep_tree(repo_cli: Cli, worktree: Path) -> None:
     make_deep_tree(worktree, 1200)
     try:
@@ -503,11 +491,6 @@ def test_status_reads_nothing_unchanged(repo_cli: Cli, worktree: Path, ingest_ca
     assert ingest_calls == []
 
 
-@pytest.mark.xfail(
-    reason="status never saves the stat-cache rows it could refresh, so files written within the racy "
-    "window before a commit are read on every status until the next commit",
-    strict=True,
-)
 def test_status_after_racy_window(repo_cli: Cli, worktree: Path, ingest_calls: list) -> None:
     make_stat_tree(worktree)
     repo_cli.commit("stat cache")

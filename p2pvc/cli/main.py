@@ -51,6 +51,11 @@ def _cwd() -> Path:
     return Path(_state["dir"] or os.getcwd())  # type: ignore[arg-type]
 
 
+def _user_path(path: str | Path) -> str:
+    """Resolve a path given on the command line against the -C folder, like every other path."""
+    return os.path.join(_cwd(), path)
+
+
 def _open():
     from p2pvc.repo import Repository
 
@@ -86,7 +91,7 @@ def init(
     """Create a repository, and your signing identity if you have none."""
     from p2pvc.repo import Repository
 
-    path = (directory or _cwd()).absolute()
+    path = Path(_user_path(directory)).absolute() if directory else _cwd().absolute()
     repo = Repository.init(path)
     if as_json:
         output.emit_json({"path": str(path), "repository": repo.id.hex(), "branch": "main"})
@@ -204,7 +209,7 @@ def add(
     from p2pvc.ops.worktree_ops import add as run_add
 
     repo = _open()
-    result = run_add(repo, paths, _progress())
+    result = run_add(repo, [_user_path(p) for p in paths], _progress())
     typer.echo(f"Stored {result.files} file(s): read {result.files_read}, {output.human_bytes(result.new_bytes)} new")
 
 
@@ -276,7 +281,7 @@ def restore(
     from p2pvc.ops.worktree_ops import restore as run_restore
 
     repo = _open()
-    applied = run_restore(repo, paths, source, _progress())
+    applied = run_restore(repo, [_user_path(p) for p in paths], source, _progress())
     typer.echo(f"Restored {applied.files_written} file(s), {output.human_bytes(applied.bytes_written)} from {source}")
 
 
@@ -362,7 +367,7 @@ def show(
         info = repo.read_commit(oid)
         names = ref_names_by_commit(repo).get(oid, [])
     parent = info.commit.parents[0].hex() if info.commit.parents else None
-    changes = run_diff(repo, parent, oid.hex()) if parent else None
+    changes = run_diff(repo, parent, oid.hex())  # a root commit is compared with the empty tree
     if as_json:
         value = _commit_json(info, names)
         value["changes"] = [dict(_change_json(e.change), new_bytes=e.new_bytes) for e in changes.entries] if changes else []
@@ -544,7 +549,7 @@ def serve(
     from p2pvc.repo import Repository
 
     _setup_logging(verbose)
-    repos = [Repository.discover(p) for p in repo_paths] if repo_paths else [_open()]
+    repos = [Repository.discover(Path(_user_path(p))) for p in repo_paths] if repo_paths else [_open()]
 
     def ready(addresses: list[str], peer_id: str) -> None:
         for address in addresses:
@@ -678,7 +683,7 @@ def clone(
     from p2pvc.node import runner
     from p2pvc.ops.worktree_ops import checkout as run_checkout
 
-    target = (directory or Path.cwd() / "p2pvc-clone").absolute()
+    target = Path(_user_path(directory or "p2pvc-clone")).absolute()
     if target.exists() and any(target.iterdir()):
         raise UserError(f"{target} exists and is not empty", hint="pass a new folder")
     repo, report = trio.run(

@@ -21,7 +21,7 @@ def human_bytes(n: int) -> str:
 
 def path_text(path: bytes) -> str:
     """Show a path as text; undecodable bytes appear as \\x escapes."""
-    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    return bytes(path).decode("utf-8", "backslashreplace")
 
 
 def emit_json(value: Any) -> None:

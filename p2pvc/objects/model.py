@@ -151,8 +151,8 @@ def _from_value(value: object, expected_kind: int | None) -> StoredObject:
     _check(isinstance(value, list) and len(value) >= 2, "object is not a [kind, version, ...] array")
     assert isinstance(value, list)
     kind, version = value[0], value[1]
-    _check(kind in KIND_NAMES, f"unknown object kind {kind!r}")
-    _check(version == VERSION, f"unsupported {KIND_NAMES[kind]} version {version!r}")
+    _check(isinstance(kind, int) and kind in KIND_NAMES, f"unknown object kind {kind!r}")
+    _check(isinstance(version, int) and version == VERSION, f"unsupported {KIND_NAMES[kind]} version {version!r}")
     if expected_kind is not None and kind != expected_kind:
         raise CorruptionError(
             "object has the wrong kind",
@@ -196,7 +196,7 @@ def _tree(fields: list) -> Tree:
         check_entry_name(name)
         _check(previous is None or name > previous, f"tree entries not sorted or not unique at {name!r}")
         previous = name
-        _check(kind in ENTRY_KIND_NAMES, f"unknown tree entry kind {kind!r} for {name!r}")
+        _check(isinstance(kind, int) and kind in ENTRY_KIND_NAMES, f"unknown tree entry kind {kind!r} for {name!r}")
         _check(isinstance(executable, bool), "tree entry executable flag must be a boolean")
         _check(_is_uint(size), "tree entry size must be a non-negative integer")
         if kind == ENTRY_SYMLINK:

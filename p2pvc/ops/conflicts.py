@@ -28,7 +28,6 @@ import msgpack
 from p2pvc.errors import ConflictError, CorruptionError, UserError
 from p2pvc.objects import model
 from p2pvc.objects.ids import ID_SIZE
-from p2pvc.objects.model import ENTRY_DIR
 from p2pvc.refs.records import BRANCH_PREFIX, TAG_PREFIX, RefUpdate
 from p2pvc.refs.state import RefState
 from p2pvc.repo import Repository
@@ -240,7 +239,3 @@ def require_no_pending_merge(repo: Repository) -> None:
             "p2pvc merge --abort drops the merge",
         )
 
-
-def is_folder(entry: model.TreeEntry | tuple[int, bool, bytes, int]) -> bool:
-    kind = entry.kind if isinstance(entry, model.TreeEntry) else entry[0]
-    return kind == ENTRY_DIR

@@ -25,7 +25,9 @@ def log(
     limit: int | None = None,
     meta_filters: dict[str, str] | None = None,
 ) -> list[CommitInfo]:
-    result = []
+    result: list[CommitInfo] = []
+    if limit is not None and limit <= 0:
+        return result
     with repo.lock():  # gc must not move records while they are read
         starts = [repo.resolve(r) for r in (revs or ["HEAD"])]
         for info in repo.walk_commits(starts):
@@ -71,6 +73,9 @@ def diff(repo: Repository, old: str | None, new: str | None, progress: Progress 
 
 
 def _diff(repo: Repository, old: str | None, new: str | None, progress: Progress) -> Diff:
+    if old is None and new is not None:
+        # Only NEW: compare against an empty tree (what a root commit added).
+        return _diff_states(repo, {}, set(), "empty tree", new, state_of(_tree_of(repo, new)), {})
     old_rev = old or "HEAD"
     if old is None and new is None and repo.worktree_base() not in (None, repo.head()[1]):
         # A peer moved the branch: uncommitted changes are relative to the checked-out commit.
@@ -94,14 +99,22 @@ def _diff(repo: Repository, old: str | None, new: str | None, progress: Progress
             progress.finish()
         new_state = captured.flat
         manifests = captured.manifests
+    return _diff_states(repo, old_flat, old_chunks, old_rev, new or "working tree", new_state, manifests)
+
+
+def _diff_states(repo, old_flat, old_chunks, old_label, new_label, new_state, manifests) -> Diff:
     entries = []
+    counted: set[bytes] = set()  # a chunk new in several files counts once, in the first
     for change in compare(state_of(old_flat), new_state):
         new_bytes = 0
         if change.new is not None and change.new[0] == ENTRY_FILE:
             manifest = manifests.get(change.path) or repo.read_manifest(change.new[2])
-            new_bytes = sum(c.size for c in {c.id: c for c in manifest.chunks}.values() if c.id not in old_chunks)
+            for chunk in manifest.chunks:
+                if chunk.id not in old_chunks and chunk.id not in counted:
+                    counted.add(chunk.id)
+                    new_bytes += chunk.size
         entries.append(DiffEntry(change, new_bytes))
-    return Diff(old_rev, new or "working tree", entries)
+    return Diff(old_label, new_label, entries)
 
 
 def _tree_of(repo: Repository, rev: str) -> FlatTree:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from p2pvc.errors import ConflictError, UserError
+from p2pvc.errors import ConflictError, CorruptionError, UserError
 from p2pvc.objects import model
 from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.refs.records import BRANCH_PREFIX
@@ -62,6 +62,8 @@ def _capture(
         if store_content:
             # Index rows are durable now (the session committed on exit), so the cache may name them.
             cache.save(keep={p for p, e in result.entries.items() if e.kind == model.ENTRY_FILE})
+        else:
+            cache.save()  # rows refreshed for files whose content is already stored
     finally:
         progress.finish()
     return captured
@@ -88,8 +90,7 @@ def commit(
     progress: Progress = NULL_PROGRESS,
 ) -> CommitResult:
     metadata = dict(metadata or {})
-    for key, value in metadata.items():
-        model.check_metadata_item(key, value)
+    _check_commit_fields(message, metadata)
     repo.require_member()
     with repo.lock():
         ref, head_id, head_flat = head_tree(repo)
@@ -138,6 +139,24 @@ def commit(
     )
 
 
+def _check_commit_fields(message: str, metadata: dict[str, str]) -> None:
+    """Reject a message or metadata that the commit format cannot hold, before anything is stored."""
+    size = len(message.encode("utf-8", "surrogatepass"))
+    if size > model.MAX_MESSAGE_BYTES:
+        raise UserError(f"commit message of {size} bytes is longer than the limit of {model.MAX_MESSAGE_BYTES}")
+    if len(metadata) > model.MAX_METADATA_ITEMS:
+        raise UserError(f"{len(metadata)} metadata items exceed the limit of {model.MAX_METADATA_ITEMS}")
+    for key, value in metadata.items():
+        try:
+            model.check_metadata_item(key, value)
+        except CorruptionError as exc:
+            raise UserError(
+                f"invalid --meta {key}={value[:40]}: {exc.message}",
+                hint=f"keys are 1 to {model.MAX_METADATA_KEY_BYTES} bytes without '=', values at most "
+                f"{model.MAX_METADATA_VALUE_BYTES} bytes",
+            ) from exc
+
+
 @dataclass
 class AddResult:
     files: int
@@ -151,7 +170,7 @@ def add(repo: Repository, paths: list[str], progress: Progress = NULL_PROGRESS) 
     with repo.lock():
         _ref, _head, head_flat = head_tree(repo)
         scanned = scan(repo.worktree, only=rel)
-        missing = [p for p in rel if p and p not in scanned.entries]
+        missing = [p for p in rel if p and p not in scanned.entries]  # b"" is the root, always there
         if missing:
             raise UserError(f"path not found or ignored: {os.fsdecode(missing[0])}")
         captured = _capture(repo, scanned, head_flat, store_content=True, progress=progress, label="storing")
@@ -256,11 +275,31 @@ def _branch_named(repo: Repository, rev: str) -> str | None:
     return None
 
 
+def _relative_to(absolute: str, root: str) -> str | None:
+    """Return `absolute` relative to the resolved `root`, or None if it is outside.
+
+    Walks up from the path to the first ancestor that resolves to the root, so a
+    working tree reached through a symlinked folder works, while the part inside
+    the tree stays lexical: a tracked symlink names itself, never its target.
+    """
+    folder = absolute
+    while True:
+        if os.path.realpath(folder) == root:
+            return os.path.relpath(absolute, folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
 def relative_path(repo: Repository, path: str) -> bytes:
     """Turn a user-given path into a worktree-relative one; "" is the root."""
     absolute = os.path.abspath(path)
-    root = os.path.abspath(repo.worktree)
-    rel = os.path.relpath(absolute, root)
+    root = os.path.realpath(repo.worktree)
+    found = _relative_to(absolute, root)
+    if found is None:
+        raise UserError(f"{path} is outside the working tree {root}")
+    rel = found
     if rel == ".":
         return b""
     if rel.startswith(".."):

@@ -34,6 +34,8 @@ MAX_RECORD_BYTES = 16 * 1024
 BRANCH_PREFIX = "refs/heads/"
 TAG_PREFIX = "refs/tags/"
 
+RESERVED_NAMES = frozenset({"HEAD", "@"})  # revision syntax; a ref of that name would be unreachable by name
+
 # Git's rules, simplified: components of safe characters, no "..", no leading dot or dash.
 _REF_COMPONENT = re.compile(r"^(?![.-])[A-Za-z0-9._+@=-]{1,100}(?<![.])$")
 
@@ -42,6 +44,8 @@ def check_ref_name(name: str) -> None:
     if not (name.startswith(BRANCH_PREFIX) or name.startswith(TAG_PREFIX)):
         raise CorruptionError(f"ref name {name!r} is not under refs/heads/ or refs/tags/")
     short = name.split("/", 2)[2]
+    if short in RESERVED_NAMES:
+        raise CorruptionError(f"{short!r} is reserved for revision syntax and cannot name a ref")
     parts = short.split("/")
     if len(name) > 255 or not all(_REF_COMPONENT.match(p) and ".." not in p for p in parts):
         raise CorruptionError(f"invalid ref name {name!r}")

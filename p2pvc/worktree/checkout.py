@@ -17,7 +17,9 @@ Safety rules, in the order they are enforced:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+from collections import OrderedDict
 import os
 import secrets
 import stat
@@ -50,6 +52,20 @@ class Plan:
     @property
     def write_bytes(self) -> int:
         return sum(e[3] for _, e in self.writes if e[0] == ENTRY_FILE)
+
+
+def _kept_below(folder: bytes, head: FlatState, work: FlatState, target: FlatState, force: bool) -> bytes | None:
+    """Return a path below `folder` that the checkout would leave in place (untracked, or
+    modified without force), so the folder cannot be replaced by a file; None if there is none."""
+    prefix = folder + b"/"
+    for path, entry in work.items():
+        if not path.startswith(prefix) or entry[0] == ENTRY_DIR:
+            continue
+        if path not in head:
+            return path
+        if not force and not _same(entry, head[path]) and path not in target:
+            return path
+    return None
 
 
 def _same(a: Entry | None, b: Entry | None) -> bool:
@@ -87,6 +103,13 @@ def plan(head: FlatState, work: FlatState, target: FlatState, *, force: bool, on
             kind = "untracked" if path not in head else "modified"
             result.blocked.append((path, f"{kind} in the working tree and different in the checkout"))
             continue
+        if have is not None and have[0] == ENTRY_DIR and want[0] != ENTRY_DIR:
+            kept = _kept_below(path, head, work, target, force)
+            if kept:
+                result.blocked.append(
+                    (path, f"a folder where the checkout puts a file, and {os.fsdecode(kept)} inside it would stay")
+                )
+                continue
         result.writes.append((path, want))
     for path in sorted(work, key=lambda p: (-p.count(b"/"), p)):
         if path in target or not in_scope(path):
@@ -101,19 +124,30 @@ def plan(head: FlatState, work: FlatState, target: FlatState, *, force: bool, on
 
 
 class _SafeTree:
-    """Directory descriptors for paths below a root, opened without following symlinks."""
+    """Directory descriptors for paths below a root, opened without following symlinks.
+
+    At most `MAX_OPEN_DIRS` stay open (least recently used are closed), so a tree
+    with many folders cannot run out of file descriptors. Writes go in sorted path
+    order, so the folders in use are the most recent ones.
+    """
+
+    MAX_OPEN_DIRS = 64
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._fds: dict[bytes, int] = {b"": os.open(root, os.O_RDONLY | os.O_DIRECTORY)}
+        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self._fds: OrderedDict[bytes, int] = OrderedDict()
 
     def parent(self, path: bytes, create: bool) -> tuple[int, bytes]:
         parent, _, name = path.rpartition(b"/")
         return self.dir(parent, create), name
 
     def dir(self, path: bytes, create: bool) -> int:
+        if not path:
+            return self._root_fd
         fd = self._fds.get(path)
         if fd is not None:
+            self._fds.move_to_end(path)
             return fd
         parent_fd, name = self.parent(path, create)
         try:
@@ -131,6 +165,9 @@ class _SafeTree:
                 ) from exc
             raise
         self._fds[path] = fd
+        while len(self._fds) > self.MAX_OPEN_DIRS:
+            _old_path, old_fd = self._fds.popitem(last=False)
+            os.close(old_fd)
         return fd
 
     def forget(self, path: bytes) -> None:
@@ -141,6 +178,7 @@ class _SafeTree:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        os.close(self._root_fd)
 
 
 @dataclass
@@ -256,8 +294,13 @@ def _write(tree, path, entry: Entry, store, cache, umask, result: ApplyResult, p
             os.unlink(tmp, dir_fd=parent_fd)
             raise
         os.close(fd)
-    _clear(parent_fd, name, tree, path)
-    os.rename(tmp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    try:
+        _clear(parent_fd, name, tree, path)
+        os.rename(tmp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=parent_fd)
+        raise
     if kind == ENTRY_FILE:
         result.files_written += 1
         result.bytes_written += size

@@ -46,9 +46,16 @@ def scan(root: Path, only: list[bytes] | None = None) -> ScanResult:
 
     `only` limits the scan to these relative paths (files or folders) and their parents.
     """
+    if only is not None and b"" in only:
+        only = None  # the root itself: everything
     result = ScanResult({})
-    stack = IgnoreStack()
-    _scan_dir(os.fsencode(root), b"", stack, result, only)
+    # An explicit stack instead of recursion, so a very deep tree cannot exhaust Python's recursion limit.
+    pending: list[tuple[bytes, IgnoreStack]] = [(b"", IgnoreStack())]
+    root_bytes = os.fsencode(root)
+    while pending:
+        rel_dir, rules = pending.pop()
+        children = _scan_dir(root_bytes, rel_dir, rules, result, only)
+        pending.extend(reversed(children))  # reversed: folders are visited in sorted order
     return result
 
 
@@ -58,7 +65,11 @@ def _in_scope(rel: bytes, only: list[bytes] | None) -> bool:
     return any(rel == p or rel.startswith(p + b"/") or p.startswith(rel + b"/") for p in only)
 
 
-def _scan_dir(root: bytes, rel_dir: bytes, stack: IgnoreStack, result: ScanResult, only) -> None:
+def _scan_dir(
+    root: bytes, rel_dir: bytes, stack: IgnoreStack, result: ScanResult, only: list[bytes] | None
+) -> list[tuple[bytes, IgnoreStack]]:
+    """Record the entries of one folder; return its subfolders to scan, with their ignore rules."""
+    subfolders: list[tuple[bytes, IgnoreStack]] = []
     abs_dir = os.path.join(root, rel_dir) if rel_dir else root
     ignore_path = os.path.join(abs_dir, IGNORE_FILE.encode())
     if os.path.isfile(ignore_path) and not os.path.islink(ignore_path):
@@ -73,7 +84,7 @@ def _scan_dir(root: bytes, rel_dir: bytes, stack: IgnoreStack, result: ScanResul
             items = sorted(it, key=lambda e: e.name)
     except OSError as exc:
         result.skipped.append((rel_dir, f"cannot list folder: {exc.strerror}"))
-        return
+        return subfolders
     for item in items:
         name = os.fsencode(item.name)
         if name == REPO_DIR_NAME:
@@ -94,7 +105,7 @@ def _scan_dir(root: bytes, rel_dir: bytes, stack: IgnoreStack, result: ScanResul
             continue
         if is_dir:
             result.entries[rel] = WorkEntry(ENTRY_DIR, False, 0, None)
-            _scan_dir(root, rel, stack, result, only)
+            subfolders.append((rel, stack))
         elif stat.S_ISREG(mode):
             executable = bool(mode & stat.S_IXUSR)
             result.entries[rel] = WorkEntry(ENTRY_FILE, executable, st.st_size, FileStat.of(st))
@@ -107,3 +118,4 @@ def _scan_dir(root: bytes, rel_dir: bytes, stack: IgnoreStack, result: ScanResul
             result.entries[rel] = WorkEntry(ENTRY_SYMLINK, False, len(target), None, target)
         else:
             result.skipped.append((rel, "not a regular file, folder or symlink"))
+    return subfolders

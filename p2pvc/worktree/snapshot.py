@@ -79,6 +79,10 @@ def capture(
             cache.record(path, stat, manifest_id)
         else:
             manifest_id = model.hash_object(manifest)[0]
+            if store.has(manifest_id):
+                # Content already stored (a racy row refreshed, or a file reverted): remember it,
+                # so the next status does not read the file again.
+                cache.record(path, stat, manifest_id)
         result.manifests[path] = manifest
         result.flat[path] = (ENTRY_FILE, entry.executable, manifest_id, manifest.size)
     return result

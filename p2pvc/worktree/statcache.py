@@ -68,6 +68,8 @@ class StatCache:
 
     def save(self, keep: set[bytes] | None = None) -> None:
         """Write recorded rows; with `keep`, also drop rows of paths not in it."""
+        if keep is None and not self._updates:
+            return
         with self.db.write() as conn:
             if keep is not None:
                 stale = [(p,) for p in self._load() if p not in keep]
