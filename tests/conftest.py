@@ -31,7 +31,7 @@ import pytest
 from p2pvc.objects.compress import CODEC_RAW
 from p2pvc.repo import Repository
 from p2pvc.store.pack import KIND_CHUNK, RECORD_HEADER
-from p2pvc.worktree.statcache import RACY_WINDOW_NS
+from p2pvc.worktree.statcache import RACY_WINDOW_COARSE_NS
 
 # CLI -----------------------------------------------------------------------------
 
@@ -250,7 +250,7 @@ def damage_chunk(root: Path) -> tuple[bytes, str]:
 
 def wait_past_racy_window() -> None:
     """Sleep until files written before this call are older than the stat cache's racy window."""
-    time.sleep(RACY_WINDOW_NS / 1e9 + 0.1)
+    time.sleep(RACY_WINDOW_COARSE_NS / 1e9 + 0.1)
 
 
 # Files and trees -------------------------------------------------------------------

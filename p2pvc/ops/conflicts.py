@@ -193,8 +193,8 @@ class PendingMerge:
 def pending_merge(repo: Repository) -> PendingMerge | None:
     """Return the merge waiting for a commit, or None."""
     theirs = repo.db.get_meta(MERGE_HEAD_KEY)
-    if theirs is None:
-        return None
+    if not theirs:
+        return None  # absent, or emptied by the transaction that committed the merge
     state = repo.db.get_meta(MERGE_STATE_KEY)
     try:
         version, ours, tree, label, conflicts = msgpack.unpackb(state or b"", raw=False)
@@ -225,6 +225,10 @@ def save_pending_merge(repo: Repository, pending: PendingMerge) -> None:
         repo.db.set_meta(conn, MERGE_STATE_KEY, state)
 
 
+# Written with the merge commit's ref update, in its transaction: empty values mean no merge.
+CLEARED_MERGE_META = {MERGE_HEAD_KEY: b"", MERGE_STATE_KEY: b""}
+
+
 def clear_pending_merge(repo: Repository) -> None:
     with repo.db.write() as conn:
         conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (MERGE_HEAD_KEY, MERGE_STATE_KEY))
@@ -232,7 +236,7 @@ def clear_pending_merge(repo: Repository) -> None:
 
 def require_no_pending_merge(repo: Repository) -> None:
     """Fail when a merge waits for its commit, so no other merge or resolution mixes into it."""
-    if repo.db.get_meta(MERGE_HEAD_KEY) is not None:
+    if repo.db.get_meta(MERGE_HEAD_KEY):
         raise ConflictError(
             "a merge is in progress: its conflicts are not committed yet",
             hint="edit the conflicted files, then p2pvc commit -m MSG (or p2pvc merge --continue); "

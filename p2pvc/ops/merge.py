@@ -52,6 +52,7 @@ from p2pvc.objects import model
 from p2pvc.objects.chunker import chunk_bytes
 from p2pvc.objects.model import ENTRY_DIR, ENTRY_FILE
 from p2pvc.ops.conflicts import (
+    CLEARED_MERGE_META,
     PendingMerge,
     clear_pending_merge,
     pending_merge,
@@ -486,6 +487,8 @@ def _publish(
         repo.set_ref(ref, target, expected=winner)
     else:
         repo.set_head(target)
+    # The base moves only once the files are written: after a crash in between, the next
+    # commit is refused (the branch moved) instead of recording the old files over the merge.
     applied = _apply(repo, the_plan, progress)
     repo.set_worktree_base(target)
     return applied
@@ -547,12 +550,20 @@ def continue_merge(
         commit_id = _write_commit(
             repo, captured.tree_id, (pending.ours, pending.theirs), message or f"Merge {pending.label} into {where}", metadata
         )
+        # The working tree already holds the merge commit's content, so the branch, the
+        # working tree's base and the end of the pending merge move in one transaction.
         if ref is not None:
-            repo.set_ref(ref, commit_id, expected=winner)
+            repo.refs.set(
+                repo.identity,
+                ref,
+                commit_id,
+                expected=winner,
+                is_ancestor=repo.is_ancestor,
+                meta={"worktree": commit_id, **CLEARED_MERGE_META},
+            )
         else:
-            repo.set_head(commit_id)
-        clear_pending_merge(repo)
-        repo.set_worktree_base(commit_id)
+            repo.set_head(commit_id, worktree_base=commit_id)
+            clear_pending_merge(repo)
     files = [s for s in captured.flat.values() if s[0] == ENTRY_FILE]
     return CommitResult(
         id=commit_id,

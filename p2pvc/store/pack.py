@@ -232,14 +232,17 @@ class PackReader:
     def __init__(self, packs_dir: Path) -> None:
         self.packs_dir = packs_dir
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()  # checkout reads from several threads
 
     def read(self, pack_name: str, offset: int, expected_id: bytes, stored_size: int) -> tuple[RecordHeader, bytes]:
-        fd = self._fd(pack_name)
         path = self.packs_dir / pack_name
-        try:
-            data = os.pread(fd, RECORD_HEADER.size + stored_size, offset)
-        except OSError as exc:
-            raise storage_error("reading pack", path, exc) from exc
+        # The read happens under the lock, so no other thread can close (evict) this descriptor meanwhile.
+        with self._lock:
+            fd = self._open(pack_name)
+            try:
+                data = os.pread(fd, RECORD_HEADER.size + stored_size, offset)
+            except OSError as exc:
+                raise storage_error("reading pack", path, exc) from exc
         if len(data) < RECORD_HEADER.size + stored_size:
             raise CorruptionError(
                 f"pack {pack_name} is truncated at offset {offset}",
@@ -255,11 +258,11 @@ class PackReader:
             )
         return RecordHeader(kind, codec, raw_size, size, oid), data[RECORD_HEADER.size :]
 
-    def _fd(self, pack_name: str) -> int:
+    def _open(self, pack_name: str) -> int:
         fd = self._fds.get(pack_name)
         if fd is None:
             if len(self._fds) >= self.MAX_OPEN:
-                self.close()
+                self._close_all()
             path = self.packs_dir / pack_name
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -271,11 +274,16 @@ class PackReader:
         return fd
 
     def forget(self, pack_name: str) -> None:
-        fd = self._fds.pop(pack_name, None)
-        if fd is not None:
-            os.close(fd)
+        with self._lock:
+            fd = self._fds.pop(pack_name, None)
+            if fd is not None:
+                os.close(fd)
 
     def close(self) -> None:
+        with self._lock:
+            self._close_all()
+
+    def _close_all(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 import os
 import secrets
 import stat
@@ -302,28 +303,50 @@ def _write(tree, path, entry: Entry, store, cache, umask, result: ApplyResult, p
             os.unlink(tmp, dir_fd=parent_fd)
         raise
     if kind == ENTRY_FILE:
+        # Stat after the rename: a rename changes the ctime on ext4, and the cache row must
+        # match what the next status sees.
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
         result.files_written += 1
         result.bytes_written += size
         if cache is not None:
             cache.record(path, FileStat.of(st), target)
 
 
+READ_AHEAD_CHUNKS = 16  # chunks being read and decompressed ahead of the writer
+
+
 def _write_content(fd: int, manifest: model.Manifest, store: ObjectStore, progress) -> int:
-    """Write every chunk, each verified against its id by the store; return the byte count."""
+    """Write every chunk, each verified against its id by the store; return the byte count.
+
+    Chunks are read and decompressed on worker threads (pread and zstd release the
+    GIL) while this thread writes, keeping at most READ_AHEAD_CHUNKS in memory.
+    """
     written = 0
     hole = False
-    for ref in manifest.chunks:
-        if ref.id == ZERO_CHUNK_ID and ref.size == MAX_CHUNK:
-            os.lseek(fd, ref.size, os.SEEK_CUR)
-            hole = True
-        else:
-            data = memoryview(store.get_chunk(ref.id))
-            while data:
-                n = os.write(fd, data)
-                data = data[n:]
-        written += ref.size
-        if progress is not None:
-            progress(ref.size)
+    pending: deque[tuple[model.ChunkRef, Future | None]] = deque()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="p2pvc-checkout") as pool:
+        chunks = iter(manifest.chunks)
+        while True:
+            while len(pending) < READ_AHEAD_CHUNKS:
+                ref = next(chunks, None)
+                if ref is None:
+                    break
+                is_hole = ref.id == ZERO_CHUNK_ID and ref.size == MAX_CHUNK
+                pending.append((ref, None if is_hole else pool.submit(store.get_chunk, ref.id)))
+            if not pending:
+                break
+            ref, future = pending.popleft()
+            if future is None:
+                os.lseek(fd, ref.size, os.SEEK_CUR)
+                hole = True
+            else:
+                data = memoryview(future.result())
+                while data:
+                    n = os.write(fd, data)
+                    data = data[n:]
+            written += ref.size
+            if progress is not None:
+                progress(ref.size)
     if hole:
         os.ftruncate(fd, written)  # a trailing hole needs the size set explicitly
     return written

@@ -5,10 +5,15 @@ content read at that stat. A file whose stat still matches is taken as
 unchanged without reading it, which keeps `status` of a large unchanged
 tree down to one lstat per file.
 
-Racy entries: a file written within `RACY_WINDOW_NS` before its row was
-recorded could be rewritten in the same timestamp tick without changing its
-stat, so such rows are never trusted; the file is read again next time.
-Rows are only written for manifests that are in the store.
+Racy entries: a file written shortly before its row was recorded could be
+rewritten in the same timestamp tick without changing its stat, so such
+rows are never trusted, and the file is read again next time. How short
+depends on the file system's timestamp resolution: a timestamp with a
+sub-second part comes from a nanosecond-resolution file system whose clock
+ticks at least every 10 ms (Linux kernel timer), so `RACY_WINDOW_FINE_NS`
+is enough; a whole-second timestamp may come from one with 1 or 2 s
+resolution (ext3, FAT), so `RACY_WINDOW_COARSE_NS` applies. Rows are only
+written for manifests that are in the store.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import time
 from p2pvc.store.db import Database
 from p2pvc.worktree.ingest import FileStat
 
-RACY_WINDOW_NS = 1_000_000_000  # covers file systems with coarse (up to 1 s) timestamps
+RACY_WINDOW_FINE_NS = 50_000_000  # 50 ms: five ticks of the slowest (100 Hz) kernel timer
+RACY_WINDOW_COARSE_NS = 2_000_000_000  # FAT stores modification times in 2 s steps
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stat_cache (
@@ -31,6 +37,12 @@ CREATE TABLE IF NOT EXISTS stat_cache (
     recorded_ns INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+
+
+def racy_window(stat: FileStat) -> int:
+    """Return how long after a file's last change its stat cannot prove it unchanged, in ns."""
+    coarse = stat.mtime_ns % 1_000_000_000 == 0 and stat.ctime_ns % 1_000_000_000 == 0
+    return RACY_WINDOW_COARSE_NS if coarse else RACY_WINDOW_FINE_NS
 
 
 class StatCache:
@@ -58,7 +70,7 @@ class StatCache:
         cached, manifest, recorded_ns = row
         if cached != current:
             return None
-        if max(current.mtime_ns, current.ctime_ns) >= recorded_ns - RACY_WINDOW_NS:
+        if max(current.mtime_ns, current.ctime_ns) >= recorded_ns - racy_window(current):
             return None
         return manifest
 
