@@ -4,7 +4,7 @@ Order of publication: membership records first (they decide which
 signatures count), then objects (commits, trees, manifests, then chunks),
 and a ref update last, only once everything it reaches is stored and
 verified. A peer that sends anything that fails verification is dropped
-for the rest of the pull and logged with its peer id; what arrived before
+for the rest of the pull and logged with its peer id. What arrived before
 stays stored, so a rerun (with this or another peer) fetches only the rest.
 """
 
@@ -66,37 +66,43 @@ class PullReport:
 
 
 async def pull(repo: Repository, client: PeerClient, *, progress: Progress = NULL_PROGRESS) -> PullReport:
+    """Fetch everything new from one peer and store it in publication order."""
     report = PullReport(client.peer_id)
+    with_chunks = not repo.history_only
+    state = SyncState(repo.db)
+
+    # 1. Anti-entropy: which refs differ, and which local refs still lack content.
     remote = await client.heads()
     local = local_digests(repo.refs.update_ids_by_name(), [i for i, _ in repo.refs.membership_records()])
     names = [n for n in differing(local, remote) if n in remote]
-    with_chunks = not repo.history_only
-    state = SyncState(repo.db)
     # Refs whose content is not all here yet (after a history-only clone, or an interrupted pull).
     unfinished = [s.target for s in repo.ref_states() if with_chunks and s.target and not state.is_complete(s.target)]
     if not names and not unfinished:
         return report
+
+    # 2. Signed records: membership first, then the ref updates to apply later.
     records = await client.updates(names) if names else []
     updates = _apply_members_and_parse(repo, records, report)
     if not updates and not unfinished:
         return report
     before = {u.name: _target(repo, u.name) for u in updates}
+
+    # 3. Objects, then chunks, each verified before it is appended.
     walker = ClosureWalker(repo.store.has, _loader(repo), state.is_complete, with_chunks=with_chunks)
-    for update in updates:
-        if update.target is not None:
-            walker.add(update.target)
-    for target in unfinished:
+    for target in [u.target for u in updates if u.target is not None] + unfinished:
         walker.add(target)
     with repo.store.session(SYNC_COMMIT_BYTES) as session:
         try:
             await _fetch_objects(repo, client, walker, session, report)
             await _fetch_chunks(client, walker, session, report, progress)
         except BaseException:
-            # Everything pending was verified before it was appended: keep it, so a rerun
-            # (with this peer or another) fetches only the rest. Then report the failure.
+            # Everything pending was verified before it was appended, so keep it: a rerun
+            # (with this peer or another) then fetches only the rest.
             with trio.CancelScope(shield=True):
                 session.commit()
             raise
+
+    # 4. Ref updates last, each only once everything it reaches is stored.
     _apply_updates(repo, state, updates, report, with_chunks)
     if unfinished and not walker.missing.chunks and not walker.missing.objects:
         state.mark_complete(walker.commits)
