@@ -49,6 +49,12 @@ READ_AHEAD = 2  # pieces
 MAX_COMPRESS_IN_FLIGHT = 64  # chunks; bounds memory held by pending compression
 
 
+_ZERO_WINDOW = bytes(MAX_CHUNK)
+_ZERO_PREFIX = bytes(64)
+_ZERO_CUT_SIZE = len(first_chunk(_ZERO_WINDOW))
+_ZERO_CUT_ID = blake3.blake3(_ZERO_WINDOW[:_ZERO_CUT_SIZE]).digest()
+
+
 class FileChangedError(P2pvcError):
     """The file changed while it was being read."""
 
@@ -198,7 +204,14 @@ class _FileRun:
                     self.reused += 1
                     self._emit(ref.id, data)
                     continue
-            data = first_chunk(buf[start : start + MAX_CHUNK])
+            window = buf[start : start + MAX_CHUNK]
+            # memoryview comparison is slow, so test a short prefix first and copy only zero-led windows.
+            if len(window) == MAX_CHUNK and window[:64].tobytes() == _ZERO_PREFIX and window.tobytes() == _ZERO_WINDOW:
+                # Holes of sparse files and zero padding: the cut of an all-zero window is
+                # always the same, so take it from the precomputed chunk (a memcmp, not a cut).
+                self._emit(_ZERO_CUT_ID, window[:_ZERO_CUT_SIZE])
+                continue
+            data = first_chunk(window)
             self._emit(blake3.blake3(data).digest(), data)
 
     def _emit(self, cid: bytes, data: memoryview) -> None:
