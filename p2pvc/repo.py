@@ -107,6 +107,7 @@ class Repository:
             db = Database(tmp / "index.sqlite")
             with db.write() as conn:
                 db.set_meta(conn, "format", FORMAT_VERSION)
+                db.set_meta(conn, "worktree", b"")  # nothing checked out yet
                 db.set_meta(conn, "repository", encode_repository(record))
                 db.set_meta(conn, "HEAD", (BRANCH_PREFIX + DEFAULT_BRANCH).encode())
             db.close()
@@ -195,9 +196,9 @@ class Repository:
         always relative to this base, never to the new head.
         """
         value = self.db.get_meta("worktree")
-        if value is not None and len(value) == ID_SIZE:
-            return value
-        return self.head()[1]
+        if value is None:
+            return self.head()[1]  # repositories made before the base was recorded
+        return value if len(value) == ID_SIZE else None  # b"": nothing checked out yet
 
     def set_worktree_base(self, commit_id: bytes | None) -> None:
         with self.db.write() as conn:

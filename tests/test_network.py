@@ -466,11 +466,6 @@ def test_killed_clone_resumes_by_sync(make_node):
     assert server.stop() <= STOP_LIMIT_S
 
 
-@pytest.mark.xfail(
-    reason="p2pvc/node/runner.py clone() checks only result.unreachable, not the exchange's error: "
-    "a clone whose transfer fails exits 0, prints 'Cloned repository', and leaves no refs",
-    strict=True,
-)
 def test_clone_fails_when_server_killed(make_node):
     origin, fetcher = make_node("origin"), make_node("fetcher")
     origin.root.mkdir()
@@ -494,12 +489,6 @@ def test_clone_fails_when_server_killed(make_node):
     assert origin.peer_id in result.stderr, result.describe()
 
 
-@pytest.mark.xfail(
-    reason="p2pvc/repo.py Repository.worktree_base falls back to HEAD's commit when no base is stored, "
-    "so in a replica whose working tree was never checked out, sync's checkout plans nothing, "
-    "writes no file and still prints 'Updated the working tree'",
-    strict=True,
-)
 def test_sync_fills_empty_clone(make_node):
     origin, fetcher = make_node("origin"), make_node("fetcher")
     origin.root.mkdir()
@@ -550,12 +539,6 @@ def test_corrupt_chunk_completed_from_honest_peer(make_node):
     assert server_bad.stop() <= STOP_LIMIT_S
 
 
-@pytest.mark.xfail(
-    reason="p2pvc/node/server.py RepoServer.handle treats the PeerError from a failed pull after an "
-    "announcement as its own store failure: it logs 'failed locally' at ERROR and answers error 4 "
-    "'the serving node failed to read its store' instead of the verification failure",
-    strict=True,
-)
 def test_corrupt_push_reported_to_pusher(make_node):
     receiver, pusher = make_node("receiver"), make_node("pusher")
     create_origin(receiver, {"README.md": b"text only, so every chunk is compressed\n"})
@@ -665,11 +648,6 @@ def test_unreachable_peer_does_not_stop_sync(make_node):
     assert server_a.stop() <= STOP_LIMIT_S
 
 
-@pytest.mark.xfail(
-    reason="p2pvc/cli/main.py _peer_id_of checks only that the address ends in /p2p/SOMETHING, "
-    "so `peer add` stores an address whose peer id is not valid",
-    strict=True,
-)
 def test_peer_add_rejects_invalid_peer_id(make_node):
     a = make_node("a")
     create_origin(a, origin_files())
@@ -681,11 +659,6 @@ def test_peer_add_rejects_invalid_peer_id(make_node):
     assert a.json("peer", "list") == []
 
 
-@pytest.mark.xfail(
-    reason="p2pvc/node/service.py anti_entropy catches only PeerError from host.connect; the UserError "
-    "for a known peer with an invalid address ends the anti-entropy task and with it `p2pvc serve`",
-    strict=True,
-)
 def test_serve_survives_invalid_known_peer(make_node):
     a, b = make_node("a"), make_node("b")
     create_origin(a, origin_files())

@@ -738,19 +738,25 @@ def peer_remove(peer: Annotated[str, typer.Argument(help="Peer id or address.")]
     """Forget a peer."""
     from p2pvc.sync.state import SyncState
 
-    peer_id = _peer_id_of(peer) if peer.startswith("/") else peer
+    peer_id = _peer_id_of(peer) if peer.startswith("/") else peer.strip()
     if not SyncState(_open().db).remove_peer(peer_id):
         raise UserError(f"no known peer {peer_id}", hint="p2pvc peer list shows the known peers")
     typer.echo(f"Removed peer {peer_id}")
 
 
 def _peer_id_of(address: str) -> str:
-    parts = address.rstrip("/").split("/")
-    if len(parts) < 3 or parts[-2] != "p2p" or not parts[-1]:
+    """Return the peer id of a full peer address, checking the whole multiaddr and the id."""
+    from p2pvc.net.host import parse_peer_address
+
+    try:
+        return parse_peer_address(address).peer_id.to_base58()
+    except UserError:
+        raise
+    except Exception as exc:  # multiaddr and base58 raise several unrelated classes
         raise UserError(
-            f"invalid peer address {address!r}", hint="an address looks like /ip4/192.0.2.7/tcp/4730/p2p/12D3KooW..."
-        )
-    return parts[-1]
+            f"invalid peer address {address!r}: {exc}",
+            hint="an address looks like /ip4/192.0.2.7/tcp/4730/p2p/12D3KooW...",
+        ) from exc
 
 
 app.add_typer(peer_app, name="peer")

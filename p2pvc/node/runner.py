@@ -90,7 +90,7 @@ async def sync(repo: Repository, addresses: list[str], *, progress: Progress = N
         for address in targets:
             try:
                 peer_id = await node.host.connect(address)
-            except PeerError as exc:
+            except P2pvcError as exc:  # unreachable (PeerError) or an invalid address (UserError)
                 result.unreachable.append((address, exc.message))
                 continue
             report = await node.exchange(peer_id, repo)
@@ -132,5 +132,16 @@ async def clone(
         repo.close()
         raise
     if result.unreachable:
-        raise PeerError(f"peer {address} became unreachable: {result.unreachable[0][1]}")
-    return repo, result.reports[0]
+        repo.close()
+        raise PeerError(
+            f"peer {address} became unreachable: {result.unreachable[0][1]}",
+            hint=f"the replica in {path} keeps what arrived; run p2pvc sync there to finish",
+        )
+    report = result.reports[0]
+    if report.error is not None:
+        repo.close()
+        raise PeerError(
+            f"cloning from {report.peer} failed: {report.error}",
+            hint=f"the replica in {path} keeps what arrived; run p2pvc sync there to finish",
+        )
+    return repo, report

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from p2pvc.errors import P2pvcError
+from p2pvc.errors import P2pvcError, PeerError
 from p2pvc.protocol import messages as m
 from p2pvc.repo import Repository
 from p2pvc.sync.heads import local_digests
@@ -42,6 +42,12 @@ class RepoServer:
             await stream.reset()
         except StreamClosed as exc:
             log.debug("stream from %s closed early: %s", peer, exc)
+        except PeerError as exc:
+            # Handling the request needed something from the peer (a pull after its announcement)
+            # and that failed: the fault is the peer's, so say why.
+            log.warning("request from %s failed: %s", peer, exc.message)
+            await _send_error(stream, m.ERR_BAD_REQUEST, exc.message)
+            await stream.reset()
         except P2pvcError as exc:
             # Our own store failed (corruption, disk): tell the peer, keep serving others.
             log.error("request from %s failed locally: %s", peer, exc.message)

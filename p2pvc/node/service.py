@@ -177,7 +177,7 @@ class Node:
                 for peer in SyncState(state.repo.db).peers():
                     try:
                         peer_id = await self.host.connect(peer.address)
-                    except PeerError as exc:
+                    except P2pvcError as exc:  # unreachable, or an invalid stored address
                         log.info("peer %s is unreachable: %s", peer.peer_id, exc.message)
                         SyncState(state.repo.db).record_contact(peer.peer_id, error=exc.message)
                         continue
