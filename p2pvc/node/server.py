@@ -39,7 +39,6 @@ class RepoServer:
         except m.ProtocolViolation as exc:
             log.warning("peer %s broke the protocol: %s; closing the stream", peer, exc)
             await _send_error(stream, m.ERR_BAD_REQUEST, str(exc))
-            await stream.reset()
         except StreamClosed as exc:
             log.debug("stream from %s closed early: %s", peer, exc)
         except PeerError as exc:
@@ -47,12 +46,10 @@ class RepoServer:
             # and that failed: the fault is the peer's, so say why.
             log.warning("request from %s failed: %s", peer, exc.message)
             await _send_error(stream, m.ERR_BAD_REQUEST, exc.message)
-            await stream.reset()
         except P2pvcError as exc:
             # Our own store failed (corruption, disk): tell the peer, keep serving others.
             log.error("request from %s failed locally: %s", peer, exc.message)
             await _send_error(stream, m.ERR_INTERNAL, "the serving node failed to read its store")
-            await stream.reset()
 
     async def _dispatch(self, stream: FrameStream, request: m.Message) -> None:
         if isinstance(request, m.RepositoryRequest):
@@ -122,7 +119,10 @@ class RepoServer:
 
 
 async def _send_error(stream: FrameStream, code: int, text: str) -> None:
+    """Send an error and close the stream; a close (unlike a reset) lets the peer read the error first."""
     try:
         await stream.send(m.ErrorResponse(code, text))
     except StreamClosed:
-        pass
+        await stream.reset()
+        return
+    await stream.close()
