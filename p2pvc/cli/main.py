@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from p2pvc.cli import output
+from p2pvc.cli import merge_commands, output
 from p2pvc.errors import P2pvcError, UserError
 
 app = typer.Typer(
@@ -348,6 +348,7 @@ def log(
     if as_json:
         output.emit_json([_commit_json(i, names.get(i.id)) for i in infos])
         return
+    merge_commands.echo_conflict_notices(repo)
     for info in infos:
         _print_commit(info, names.get(info.id, []))
 
@@ -838,6 +839,9 @@ def stats(as_json: JsonOption = False) -> None:
     typer.echo(f"stored:              {output.human_bytes(s.pack_bytes)} in packs")
     typer.echo(f"dedupe ratio:        {s.dedupe_ratio:.2f}x")
     typer.echo(f"compression ratio:   {s.compression_ratio:.2f}x")
+
+
+merge_commands.register(app)
 
 
 def run() -> None:

@@ -23,7 +23,7 @@ bundle_app = typer.Typer(
 
 
 def register(app: typer.Typer) -> None:
-    """Add conflicts, resolve, merge and bundle to `app`; calling it twice adds them once."""
+    """Add conflicts, resolve, merge and bundle to `app`. Calling it twice adds them once."""
     if any(info.name == "merge" for info in app.registered_commands):
         return
     app.command("conflicts")(conflicts)
@@ -92,10 +92,10 @@ def conflicts(as_json: JsonOption = False) -> None:
         return
     if pending is not None:
         typer.echo(
-            f"A merge of {pending.label} is in progress; {len(pending.conflicts)} file(s) had conflicts: "
+            f"A merge of {pending.label} is in progress. {len(pending.conflicts)} file(s) had conflicts: "
             + ", ".join(output.path_text(p) for p in pending.conflicts)
         )
-        typer.echo("  edit them, then p2pvc commit -m MSG (or p2pvc merge --continue); p2pvc merge --abort drops it\n")
+        typer.echo("  edit them, then run p2pvc commit -m MSG or p2pvc merge --continue (p2pvc merge --abort drops it)\n")
     if not found:
         typer.echo("No conflicted refs.")
     for conflict in found:
@@ -197,7 +197,7 @@ def resolve(
     take: Annotated[str, typer.Option("--take", help="The commit to keep: one of the heads, or a descendant of one.")],
     as_json: JsonOption = False,
 ) -> None:
-    """Resolve a conflicted ref by taking one commit; the update supersedes every current head."""
+    """Resolve a conflicted ref by taking one commit. The update supersedes every current head."""
     from p2pvc.ops.conflicts import resolve_ref
 
     repo = _open()
@@ -215,18 +215,18 @@ def resolve(
             }
         )
         return
-    typer.echo(f"{result.name} now points to {result.target.hex()[:12]}; {len(result.superseded)} head(s) superseded")
+    typer.echo(f"{result.name} now points to {result.target.hex()[:12]}, superseding {len(result.superseded)} head(s)")
     for commit_id in result.unreachable:
         typer.echo(
-            f"  {commit_id.hex()[:12]} is no longer reachable from {result.name}; "
-            f"keep it with: p2pvc branch NAME {commit_id.hex()[:12]}"
+            f"  {commit_id.hex()[:12]} is no longer reachable from {result.name}. "
+            f"Keep it with: p2pvc branch NAME {commit_id.hex()[:12]}"
         )
     if worktree:
         typer.echo(worktree)
 
 
 def _follow_ref(repo, head_ref: str) -> str | None:
-    """Check out the branch HEAD follows if the working tree is not at it; return a line saying what happened."""
+    """Check out the branch HEAD follows if the working tree is not at it, and return a line saying what happened."""
     from p2pvc.errors import ConflictError
     from p2pvc.ops.worktree_ops import checkout as run_checkout
 
@@ -257,7 +257,7 @@ def merge(
     abort: Annotated[bool, typer.Option("--abort", help="Drop a stopped merge and restore the working tree.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Three-way merge REV into the working tree's branch; exits 4 when files need hand edits."""
+    """Merge REV into the working tree's branch, three-way. Exits with code 4 when files need hand edits."""
     from p2pvc.errors import ConflictError, UserError
     from p2pvc.ops import merge as merge_ops
 
@@ -288,7 +288,7 @@ def merge(
             f"merge stopped: {len(result.conflicts)} file(s) have conflicting changes, first: "
             f"{output.path_text(result.conflicts[0])}",
             hint="edit them to keep the lines you want and delete the <<<<<<< ======= >>>>>>> lines, then run "
-            "p2pvc commit -m MSG (or p2pvc merge --continue); p2pvc merge --abort drops the merge",
+            "p2pvc commit -m MSG or p2pvc merge --continue. p2pvc merge --abort drops the merge",
         )
 
 
@@ -371,15 +371,15 @@ def bundle_create(
     )
     if report.missing:
         typer.echo(
-            f"  left out {report.missing} object(s) this replica does not store (a history-only clone?); "
-            "refs that need them will not be applied on the other side",
+            f"  left out {report.missing} object(s) this replica does not store (a history-only clone?). "
+            "Refs that need them will not be applied on the other side.",
             err=True,
         )
 
 
 @bundle_app.command("heads")
 def bundle_heads() -> None:
-    """Print this replica's ref digests and complete head commits as JSON, for bundle create --since."""
+    """Print this replica's ref digests and complete commits as JSON, for bundle create --since."""
     from p2pvc.ops.bundle import local_heads
 
     output.emit_json(local_heads(_open()))
@@ -393,7 +393,7 @@ def bundle_apply(
     ] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Verify a bundle like a sync and store what it carries; prints what changed per ref."""
+    """Verify a bundle as a sync would, store what it carries, and print what changed per ref."""
     from p2pvc.ops.bundle import apply_bundle
 
     repo = _open()
@@ -416,12 +416,12 @@ def bundle_apply(
 
 
 def _first_checkout(repo, head_ref: str) -> str:
-    """Check out a branch that had no commits here before; only into a working tree with no files."""
+    """Check out a branch that had no commits here before, but only into a working tree without files."""
     from p2pvc.ops.worktree_ops import checkout as run_checkout
 
     short = head_ref.removeprefix("refs/heads/")
     if any(entry.name != ".p2pvc" for entry in repo.worktree.iterdir()):
-        return f"{short} arrived; the working tree already has files, so it was left as it is (p2pvc checkout --force {short} writes it)"
+        return f"{short} arrived, but the working tree already has files, so it was left as it is (p2pvc checkout --force {short} writes it)"
     run_checkout(repo, short, force=True)
     return f"Checked out {short} at {repo.head()[1].hex()[:12]}"
 

@@ -2,9 +2,9 @@
 
 Theory of operation. A bundle carries what a pull would fetch: the
 repository record, every membership record, the ref updates of the chosen
-refs, and the objects their heads reach. Its frames are the wire protocol's
-own messages (a 4-byte big-endian length, then a msgpack array; see
-docs/format.md, "Bundles"), so applying one reuses the wire decoding and
+refs, and the objects those updates reach. Its frames are the wire protocol's
+own messages, each a 4-byte big-endian length and a msgpack array (layout
+in docs/format.md, "Bundles"). So applying one reuses the wire decoding and
 runs the checks of a pull (`p2pvc.node.pull`):
 
 * membership records and ref updates: canonical encoding, repository id,
@@ -24,17 +24,17 @@ runs the checks of a pull (`p2pvc.node.pull`):
   records verified before it stay stored, and no ref changes.
 
 Objects come top-down (commits, trees, manifests, then chunks), so the walk
-knows every object before it arrives. Applying streams: memory holds one
+expects every object before it arrives. Applying streams: memory holds one
 frame (at most 4 MiB), one object being assembled (a manifest can be
 large, as in a pull) and the ids the walk tracks, never a whole file.
 
 Incremental bundles: `local_heads` lists this repository's ref digests and
-the head commits whose whole closure it stores. A bundle made `since` such
-a list leaves out the refs whose digests match, the commits those heads
-reach, and every object reachable from the boundary commits (the listed
-heads, and their descendants' parents that they reach). It may still
-carry an object the receiver has from older history, but never omits one
-it lacks.
+the commits whose whole closure it stores. A bundle made `since` such a
+list leaves out the updates of refs whose digests match, the commits the
+receiver holds, and every object reachable from the boundary: the held
+commits that the bundled commits build on. It may still carry an object
+the receiver holds from elsewhere in its history, but never omits one it
+lacks, because a held commit implies its whole closure.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class BundleReader:
         _magic, version, repository = HEADER.unpack(header)
         if version != FORMAT_VERSION:
             raise UserError(
-                f"{name} is a bundle of format version {version}; this p2pvc reads version {FORMAT_VERSION}",
+                f"{name} is a bundle of format version {version}, but this p2pvc reads version {FORMAT_VERSION}",
                 hint="upgrade p2pvc",
             )
         self.repository: bytes = repository
@@ -133,7 +133,7 @@ class BundleReader:
         self.finished = False
 
     def frames(self) -> Iterator[Frame]:
-        """Yield every frame up to and including the verified trailer; raise CorruptionError on damage."""
+        """Yield every frame up to and including the verified trailer, and raise CorruptionError on damage."""
         while True:
             offset = self._offset
             prefix = self._read(LENGTH.size, allow_end=True)
@@ -184,7 +184,7 @@ class BundleReader:
                 f"{self.name}: the BLAKE3 digest of the bundle does not match its trailer: the file was changed or damaged",
                 expected=trailer.digest.hex(),
                 actual=actual.hex(),
-                hint="get an intact copy of the bundle; what verified before this point stays stored",
+                hint="get an intact copy of the bundle (what verified before this point stays stored)",
             )
         if trailer.frames != self.frame_count:
             raise self._damaged(offset, f"the trailer counts {trailer.frames} frames, the file has {self.frame_count}")
@@ -194,17 +194,17 @@ class BundleReader:
     def _damaged(self, offset: int, reason: str) -> CorruptionError:
         return CorruptionError(
             f"{self.name} is damaged at byte {offset} (frame {self.frame_count + 1}): {reason}",
-            hint="get an intact copy of the bundle; what verified before this point stays stored",
+            hint="get an intact copy of the bundle (what verified before this point stays stored)",
         )
 
 
-def _unpack_frame(payload: bytes, fields: int, what: str) -> list:
+def _unpack_frame(payload: bytes, fields: int, frame_name: str) -> list:
     try:
         value = msgpack.unpackb(payload, raw=False, use_list=True, max_bin_len=m.MAX_FRAME, max_array_len=m.MAX_IDS_PER_REQUEST)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise ProtocolViolation(f"{what} frame is not valid msgpack: {exc}") from exc
+        raise ProtocolViolation(f"{frame_name} frame is not valid msgpack: {exc}") from exc
     if not (isinstance(value, list) and len(value) == fields + 1):
-        raise ProtocolViolation(f"{what} frame must have {fields} fields")
+        raise ProtocolViolation(f"{frame_name} frame must have {fields} fields")
     return value[1:]
 
 
@@ -274,7 +274,7 @@ class ApplyReport:
 
 
 class _Applier:
-    """The state of one bundle being applied; see the module docstring for the rules."""
+    """State of one bundle being applied (the module docstring lists the rules)."""
 
     def __init__(self, repo: Repository, name: str) -> None:
         self.repo = repo
@@ -294,7 +294,7 @@ class _Applier:
     def _damaged(self, frame: Frame, reason: str, error: type[CorruptionError] = CorruptionError) -> CorruptionError:
         return error(
             f"{self.name} is damaged at byte {frame.offset} (frame {frame.index}): {reason}",
-            hint="get an intact copy of the bundle; what verified before this point stays stored",
+            hint="get an intact copy of the bundle (what verified before this point stays stored)",
         )
 
     def handle(self, frame: Frame, session) -> None:
@@ -456,13 +456,13 @@ def _target(repo: Repository, name: str) -> bytes | None:
 
 
 def apply_bundle(repo: Repository, path: Path, *, progress: Progress = NULL_PROGRESS) -> ApplyReport:
-    """Verify and store what a bundle carries; see the module docstring for the rules."""
+    """Verify and store what a bundle carries, by the rules in the module docstring."""
     name = str(path)
     with repo.lock(), _open_for_reading(path) as file:
         reader = BundleReader(file, name)
         if reader.repository != repo.id:
             raise UserError(
-                f"{name} is a bundle of repository {reader.repository.hex()[:12]}, this is {repo.id.hex()[:12]}",
+                f"{name} is a bundle of repository {reader.repository.hex()[:12]}, but this is {repo.id.hex()[:12]}",
                 hint="apply it in a replica of that repository, or create one from it with p2pvc bundle clone",
             )
         applier = _Applier(repo, name)
@@ -555,7 +555,7 @@ def read_heads(repo: Repository, path: Path) -> PeerHeads:
         raise UserError(f"{path} is not a heads file of version {HEADS_VERSION}", hint="write it with: p2pvc bundle heads > FILE")
     if value.get("repository") != repo.id.hex():
         raise UserError(
-            f"{path} lists the heads of repository {str(value.get('repository'))[:12]}, this is {repo.id.hex()[:12]}"
+            f"{path} lists the heads of repository {str(value.get('repository'))[:12]}, but this is {repo.id.hex()[:12]}"
         )
     refs = value.get("refs")
     commits = value.get("commits")
@@ -637,10 +637,10 @@ class _FrameWriter:
 
 
 def _select(repo: Repository, revs: list[str]) -> tuple[list[str], list[bytes]]:
-    """Return (ref names, root commits) for `revs`; no revs means every ref."""
+    """Return (ref names, root commits) for `revs`, where no revs means every ref."""
     if not revs:
         names = repo.refs.names()
-        return names, _head_targets(repo, names)
+        return names, _update_targets(repo, names)
     names: list[str] = []
     roots: list[bytes] = []
     for rev in revs:
@@ -650,30 +650,40 @@ def _select(repo: Repository, revs: list[str]) -> tuple[list[str], list[bytes]]:
         )
         if name is not None:
             names.append(name)
-            roots.extend(_head_targets(repo, [name]))
+            roots.extend(_update_targets(repo, [name]))
         else:
             roots.append(repo.resolve(rev))
     return list(dict.fromkeys(names)), list(dict.fromkeys(roots))
 
 
-def _head_targets(repo: Repository, names: list[str]) -> list[bytes]:
+def _update_targets(repo: Repository, names: list[str]) -> list[bytes]:
+    """Return the stored commits that any update of `names` points to, heads first.
+
+    A pull fetches what every received update reaches, retired ones included,
+    because an update is stored only with its content, and a retired update
+    that is missing on the receiver can leave an older one looking like a head.
+    A bundle carries the same.
+    """
     targets = []
     for name in names:
         state = repo.ref_state(name)
         if state is not None:
             targets.extend(h.target for h in state.heads if h.target is not None)
+        for update in sorted(repo.refs.updates(name), key=lambda u: (u.clock, u.id), reverse=True):
+            if update.target is not None and repo.store.has(update.target):
+                targets.append(update.target)
     return list(dict.fromkeys(targets))
 
 
 def _stored(repo: Repository, oid: bytes, kind: int) -> tuple[int, int, bytes, model.StoredObject | None] | None:
-    """Return (codec, raw size, stored bytes, decoded object) of a record, verified; None if absent."""
+    """Return (codec, raw size, stored bytes, decoded object) of a verified record, or None if absent."""
     found = repo.store.read_stored(oid)
     if found is None:
         return None
     entry, stored = found
     if entry.kind != kind:
         raise CorruptionError(f"{oid.hex()} is stored as kind {entry.kind}, but a parent names it as kind {kind}")
-    # Check before sending: a bundle must never carry what this store damaged.
+    # Verified before sending, so a bundle never carries a record this store damaged.
     raw = compress.decode(entry.codec, stored, entry.raw_size)
     actual = chunk_id(raw) if kind == KIND_CHUNK else object_id(raw)
     if actual != oid:
@@ -703,7 +713,10 @@ def _children(obj: model.StoredObject) -> Iterator[tuple[bytes, int, int | None]
 
 
 def _commit_walk(repo: Repository, roots: list[bytes], stop: set[bytes]) -> tuple[list[bytes], set[bytes]]:
-    """Return (commits reachable from roots, newest first, not below `stop`; the stop commits met)."""
+    """Walk commits from `roots` down to the `stop` set.
+
+    Returns the commits walked, newest first, and the stop commits the walk reached.
+    """
     order: list[bytes] = []
     boundary: set[bytes] = set()
     seen: set[bytes] = set()

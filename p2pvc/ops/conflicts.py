@@ -3,8 +3,8 @@
 A ref is conflicted when its current heads (the signed updates no later
 update retired, see `p2pvc.refs.state`) point to more than one target:
 two replicas moved it concurrently to commits that do not descend from each
-other. Nothing is lost while it stays so: every head stays listed and gc
-keeps what each head reaches. There are two ways out:
+other. While it stays so, every head stays listed and gc keeps what each
+head reaches. There are two ways out:
 
 * `resolve_ref` writes an update to one chosen commit that supersedes every
   current head. The commits only the other heads reached are no longer
@@ -14,7 +14,7 @@ keeps what each head reaches. There are two ways out:
   both heads, so the update retires both by ancestry.
 
 A merge that stops with text conflicts leaves its state in the `meta`
-table until it is committed or aborted: `merge_head` holds their commit
+table until it is committed or aborted: `merge_head` contains their commit
 id, which the merge commit records as its second parent, and
 `merge_state` holds the rest (see `PendingMerge`).
 """
@@ -81,7 +81,7 @@ class HeadInfo:
 
 @dataclass(frozen=True)
 class HeadDifference:
-    """How the tree of another head differs from the winner's tree."""
+    """Difference between another head's tree and the winner's tree."""
 
     old: bytes | None  # the winner's target
     new: bytes | None  # the other head's target
@@ -93,7 +93,7 @@ class HeadDifference:
 class RefConflict:
     name: str
     heads: list[HeadInfo]
-    merge_base: bytes | None  # of the first two commit heads; None without a common ancestor
+    merge_base: bytes | None  # of the first two commit heads, or None without a common ancestor
     differences: list[HeadDifference]
 
 
@@ -211,7 +211,7 @@ def pending_merge(repo: Repository) -> PendingMerge | None:
     if not valid:
         raise CorruptionError(
             "the state of the merge in progress is damaged",
-            hint="run p2pvc merge --abort to drop it; the working tree keeps its files",
+            hint="run p2pvc merge --abort to drop it (the working tree keeps its files)",
         )
     return PendingMerge(ours, theirs, tree, label, tuple(conflicts))
 
@@ -239,7 +239,7 @@ def require_no_pending_merge(repo: Repository) -> None:
     if repo.db.get_meta(MERGE_HEAD_KEY):
         raise ConflictError(
             "a merge is in progress: its conflicts are not committed yet",
-            hint="edit the conflicted files, then p2pvc commit -m MSG (or p2pvc merge --continue); "
+            hint="edit the conflicted files, then run p2pvc commit -m MSG or p2pvc merge --continue. "
             "p2pvc merge --abort drops the merge",
         )
 

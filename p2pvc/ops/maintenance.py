@@ -11,6 +11,7 @@ from p2pvc.errors import CorruptionError
 from p2pvc.identity.keys import verify
 from p2pvc.objects import model
 from p2pvc.objects.model import ENTRY_DIR, ENTRY_FILE
+from p2pvc.ops.conflicts import pending_merge
 from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.refs.records import decode_ref_update
 from p2pvc.repo import Repository
@@ -156,6 +157,9 @@ def gc_roots(repo: Repository) -> list[bytes]:
     name, head = repo.head()
     if name is None and head is not None:
         roots.append(head)
+    pending = pending_merge(repo)
+    if pending is not None:
+        roots.append(pending.theirs)  # the second parent of a merge not committed yet
     return roots
 
 

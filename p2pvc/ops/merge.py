@@ -4,14 +4,14 @@ Theory of operation.
 
 *Ours and theirs.* Ours is the commit the working tree is based on. That
 is HEAD's commit, or, on a conflicted branch, whichever of its heads this
-working tree was checked out at. Theirs is the named revision; without one,
-it is the other head of the conflicted branch.
+working tree was checked out at. Theirs is the named revision, or, without
+one, the other head of the conflicted branch.
 
 *Merge base.* The lowest common ancestors of ours and theirs in the commit
 graph: common ancestors that are not an ancestor of another common
-ancestor. After criss-cross merges there can be several; the merge uses
-the one with the latest commit time, ties broken by the greater commit id,
-so every replica picks the same base. Without a common ancestor the base is
+ancestor. After criss-cross merges there can be several. The merge then
+uses the one with the latest commit time, and the greater commit id on a
+tie, so every replica picks the same base. Without a common ancestor the base is
 the empty tree, so every file from both sides is kept, and a path with
 different content on both sides is a both-changed conflict.
 
@@ -35,7 +35,7 @@ and empty folders merge by presence):
 
 If any text conflict remains, the merged files are written to the working
 tree with their markers, nothing is committed, and the pending merge is
-stored (`p2pvc.ops.conflicts.PendingMerge`); `continue_merge` commits it
+stored (`p2pvc.ops.conflicts.PendingMerge`), and `continue_merge` commits it
 once the user has edited the files. Otherwise the merge commit is written
 with parents (ours, theirs), signed like any commit, and the ref update
 supersedes both heads because the merge commit descends from both. A merge
@@ -47,7 +47,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from p2pvc.errors import ConflictError, UserError
+from p2pvc.errors import ConflictError, CorruptionError, UserError
 from p2pvc.objects import model
 from p2pvc.objects.chunker import chunk_bytes
 from p2pvc.objects.model import ENTRY_DIR, ENTRY_FILE
@@ -60,9 +60,9 @@ from p2pvc.ops.conflicts import (
     save_pending_merge,
 )
 
-# The helpers below are private to worktree_ops, but a merge commit is a commit: it
-# captures the working tree the same way, so sharing them keeps the two paths identical.
-from p2pvc.ops.worktree_ops import CommitResult, _capture, _require_content, commit_tree
+# The helpers below are private to worktree_ops. A merge commit captures the working tree
+# the same way as a commit, so sharing them keeps the two paths identical.
+from p2pvc.ops.worktree_ops import CommitResult, _capture, _check_commit_fields, _require_content, commit_tree
 from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.refs.records import BRANCH_PREFIX
 from p2pvc.repo import Repository
@@ -104,8 +104,8 @@ def merge_base(repo: Repository, a: bytes, b: bytes) -> bytes | None:
 
 
 def _ancestors(repo: Repository, start: bytes) -> set[bytes]:
-    # NOTE: walks the whole history below `start`; fine for thousands of commits, but
-    # a repository with a very long history would want generation numbers here.
+    # NOTE: this walks the whole history below `start`, which is fine for thousands of
+    # commits. A repository with a very long history would need generation numbers here.
     seen = {start}
     stack = [start]
     while stack:
@@ -142,7 +142,7 @@ class Note:
 
 @dataclass
 class TreePlan:
-    entries: FlatState  # files and symlinks of the result; a both-changed path holds ours for now
+    entries: FlatState  # files and symlinks of the result (ours at a both-changed path, until its content is merged)
     both_changed: list[BothChanged]
     notes: list[Note]
 
@@ -156,7 +156,7 @@ def _leaves(state: FlatState) -> FlatState:
 
 
 def plan_tree_merge(base: FlatState, ours: FlatState, theirs: FlatState) -> TreePlan:
-    """Decide every file and symlink path that does not need content; list the rest as both-changed."""
+    """Decide every file and symlink path that needs no content comparison, and list the rest as both-changed."""
     base_leaves, our_leaves, their_leaves = _leaves(base), _leaves(ours), _leaves(theirs)
     plan = TreePlan({}, [], [])
     for path in sorted(base_leaves.keys() | our_leaves.keys() | their_leaves.keys()):
@@ -181,7 +181,7 @@ def plan_tree_merge(base: FlatState, ours: FlatState, theirs: FlatState) -> Tree
 
 
 def _merged_flag(base: Entry | None, ours: Entry, theirs: Entry) -> bool:
-    """Merge the executable bit three ways; ours wins when both sides changed it."""
+    """Merge the executable bit three ways. Ours wins when both sides changed it."""
     if ours[1] == theirs[1] or base is None or ours[1] != base[1]:
         return ours[1]
     return theirs[1]
@@ -206,13 +206,13 @@ def _parent_folders(path: bytes) -> list[bytes]:
     return [b"/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def copy_path(path: bytes, their_hex: str, taken: FlatState) -> bytes:
+def copy_path(path: bytes, their_hex: str, occupied: FlatState) -> bytes:
     """Return the first free conflict-copy path for `path` (see `merge3.conflict_copy_name`)."""
     folder, slash, name = path.rpartition(b"/")
     attempt = 1
     while True:
         candidate = folder + slash + merge3.conflict_copy_name(name, their_hex, attempt)
-        if candidate not in taken and not any(p.startswith(candidate + b"/") for p in taken):
+        if candidate not in occupied and not any(p.startswith(candidate + b"/") for p in occupied):
             return candidate
         attempt += 1
 
@@ -220,8 +220,8 @@ def copy_path(path: bytes, their_hex: str, taken: FlatState) -> bytes:
 def settle_collisions(entries: FlatState, ours: FlatState, their_hex: str) -> list[Note]:
     """Move entries out of the way where a file and a folder claim the same path.
 
-    Ours keeps its name; the entry that came from their side moves to the
-    conflict-copy name (a folder moves with everything below it).
+    Ours keeps its name. The entry that came from their side moves to the
+    conflict-copy name, and a folder moves with everything below it.
     """
     notes = []
     files = {path for path, entry in entries.items() if entry[0] != ENTRY_DIR}
@@ -262,7 +262,7 @@ def _read_file(repo: Repository, entry: Entry | None) -> bytes | None:
 
 
 def _store_file(session: WriteSession, data: bytes) -> tuple[bytes, int]:
-    """Store bytes as a file's chunks and manifest; return (manifest id, size)."""
+    """Store bytes as a file's chunks and manifest, and return (manifest id, size)."""
     refs = []
     for piece in chunk_bytes(data):
         cid, _new = session.put_chunk(piece)
@@ -318,7 +318,7 @@ def merge_contents(
 @dataclass
 class MergeResult:
     status: str  # "up-to-date", "fast-forward", "merged" or "conflicts"
-    ref: str | None  # the branch HEAD follows; None when detached
+    ref: str | None  # the branch HEAD follows, or None when detached
     ours: bytes
     theirs: bytes
     base: bytes | None = None
@@ -334,6 +334,7 @@ class MergeResult:
 
 def merge(repo: Repository, rev: str | None, *, message: str | None = None, progress: Progress = NULL_PROGRESS) -> MergeResult:
     """Merge `rev` (default: the other head of the conflicted branch) into the working tree's commit."""
+    _check_commit_fields(message or "", {})
     repo.require_member()
     require_no_pending_merge(repo)
     with repo.lock():
@@ -371,7 +372,7 @@ def our_commit(repo: Repository, ref: str | None, winner: bytes | None) -> bytes
         return winner
     state = repo.ref_state(ref) if ref else None
     if base is not None and state is not None and base in {h.target for h in state.heads}:
-        return base  # one side of a conflict: the working tree is at a head that lost the last-writer race
+        return base  # the working tree is at the head that lost the last-writer race of a conflict
     short = (ref or "HEAD").removeprefix(BRANCH_PREFIX)
     raise ConflictError(
         f"{short} moved to {winner.hex()[:12]} (from a peer) after this working tree was checked out "
@@ -385,7 +386,7 @@ def _their_commit(repo: Repository, rev: str | None, ref: str | None, ours: byte
         return repo.resolve(rev), rev
     state = repo.ref_state(ref) if ref else None
     if state is None or not state.conflicted:
-        raise UserError("name the revision to merge", hint="p2pvc merge BRANCH_OR_COMMIT; p2pvc conflicts lists divergent heads")
+        raise UserError("name the revision to merge", hint="run p2pvc merge BRANCH_OR_COMMIT (p2pvc conflicts lists divergent heads)")
     others = list(dict.fromkeys(h.target for h in state.heads if h.target not in (ours, None)))
     if any(h.target is None for h in state.heads):
         raise UserError(
@@ -399,7 +400,7 @@ def _their_commit(repo: Repository, rev: str | None, ref: str | None, ours: byte
 
 
 def _clean_work_state(repo: Repository, ours_state: FlatState, progress: Progress) -> FlatState:
-    """Return the working tree's state; fail if it differs from ours, because a merge writes over it."""
+    """Return the working tree's state, and raise ConflictError if it differs from ours, because a merge writes over it."""
     scanned = scan(repo.worktree)
     work = _capture(repo, scanned, {}, store_content=False, progress=progress, label="checking").flat
     changes = compare(ours_state, work)
@@ -439,8 +440,9 @@ def _three_way(
         result.status = "conflicts"
         the_plan = co.plan(ours_state, work, final, force=False)
         _require_unblocked(the_plan)
-        result.applied = _apply(repo, the_plan, progress)
+        # Recorded before any file changes, so an interrupted write can still be aborted or continued.
         save_pending_merge(repo, PendingMerge(result.ours, result.theirs, tree_id, label, tuple(outcome.conflicts)))
+        result.applied = _apply(repo, the_plan, progress)
         return
     where = (result.ref or "HEAD").removeprefix(BRANCH_PREFIX)
     commit_id = _write_commit(repo, tree_id, (result.ours, result.theirs), message or f"Merge {label} into {where}", {})
@@ -487,7 +489,7 @@ def _publish(
         repo.set_ref(ref, target, expected=winner)
     else:
         repo.set_head(target)
-    # The base moves only once the files are written: after a crash in between, the next
+    # The base moves only after the files are written. After a crash in between, the next
     # commit is refused (the branch moved) instead of recording the old files over the merge.
     applied = _apply(repo, the_plan, progress)
     repo.set_worktree_base(target)
@@ -526,8 +528,7 @@ def continue_merge(
     if pending is None:
         raise UserError("no merge is in progress", hint="start one with p2pvc merge REV")
     metadata = dict(metadata or {})
-    for key, value in metadata.items():
-        model.check_metadata_item(key, value)
+    _check_commit_fields(message or "", metadata)
     repo.require_member()
     with repo.lock():
         ref, winner = repo.head()
@@ -550,7 +551,7 @@ def continue_merge(
         commit_id = _write_commit(
             repo, captured.tree_id, (pending.ours, pending.theirs), message or f"Merge {pending.label} into {where}", metadata
         )
-        # The working tree already holds the merge commit's content, so the branch, the
+        # The working tree already contains the merge commit's content, so the branch, the
         # working tree's base and the end of the pending merge move in one transaction.
         if ref is not None:
             repo.refs.set(
@@ -589,15 +590,15 @@ def abort_merge(repo: Repository, *, progress: Progress = NULL_PROGRESS) -> co.A
         raise UserError("no merge is in progress")
     with repo.lock():
         if repo.worktree_base() != pending.ours:
-            # A commit was made since the merge stopped (by a p2pvc that does not know about
-            # pending merges): the working tree belongs to that commit now, so leave it alone.
+            # A commit was made since the merge stopped, by a p2pvc that does not know about
+            # pending merges. The working tree belongs to that commit now, so leave it alone.
             clear_pending_merge(repo)
             return co.ApplyResult()
         ours_state = state_of(commit_tree(repo, pending.ours))
-        if repo.store.has(pending.tree):
+        try:
             written = state_of(flatten(repo.read_tree, pending.tree))
-        else:
-            # gc removed the merge's tree: treat every path either side has as written by the merge.
+        except CorruptionError:
+            # If gc removed the merge's tree, treat every path either side has as written by the merge.
             written = {**state_of(commit_tree(repo, pending.theirs)), **ours_state}
         work = _capture(repo, scan(repo.worktree), {}, store_content=False, progress=progress, label="checking").flat
         applied = _apply(repo, co.plan(written, work, ours_state, force=True), progress)

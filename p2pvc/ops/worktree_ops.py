@@ -9,6 +9,7 @@ from p2pvc.errors import ConflictError, CorruptionError, UserError
 from p2pvc.objects import model
 from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.refs.records import BRANCH_PREFIX
+from p2pvc.ops.conflicts import pending_merge
 from p2pvc.repo import Repository
 from p2pvc.sync.state import SyncState
 from p2pvc.worktree import checkout as co
@@ -89,6 +90,10 @@ def commit(
     allow_empty: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> CommitResult:
+    if pending_merge(repo) is not None:
+        from p2pvc.ops.merge import continue_merge  # p2pvc.ops.merge imports this module
+
+        return continue_merge(repo, message, metadata, progress=progress)
     metadata = dict(metadata or {})
     _check_commit_fields(message, metadata)
     repo.require_member()

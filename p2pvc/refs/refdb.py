@@ -281,7 +281,11 @@ def _superseded(current: RefState | None, target: bytes | None, is_ancestor: IsA
     if everything:
         return tuple(h.id for h in current.heads)
     return tuple(
-        h.id for h in current.heads if h.target is not None and target is not None and is_ancestor(h.target, target)
+        h.id
+        for h in current.heads
+        if (h.target is not None and target is not None and is_ancestor(h.target, target))
+        # Re-creating a deleted ref replaces its tombstone.
+        or (h.target is None and current.target is None and target is not None)
     )
 
 

@@ -64,10 +64,11 @@ def resolve(name: str, updates: Iterable[RefUpdate], is_ancestor: IsAncestor) ->
         old for u in ordered for old in u.supersedes if old in clock_of and clock_of[old] < u.clock
     }
     candidates = [u for u in ordered if u.id not in retired]
+    # A fast-forward retires an update even when the later update was itself retired since.
     heads = [
         u
-        for i, u in enumerate(candidates)
-        if not any(_fast_forwards(later, u, is_ancestor) for later in candidates[:i])
+        for u in candidates
+        if not any(_fast_forwards(later, u, is_ancestor) for later in ordered if _order_key(later) > _order_key(u))
     ]
     return RefState(name, ordered[0], tuple(heads))
 

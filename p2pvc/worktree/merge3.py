@@ -94,7 +94,7 @@ def sync_regions(base: Sequence[bytes], ours: Sequence[bytes], theirs: Sequence[
             regions.append(
                 (start, end, o_side + start - o_base, o_side + end - o_base, t_side + start - t_base, t_side + end - t_base)
             )
-        # Advance the block that ends first; the other may still overlap the next one.
+        # Advance the block that ends first, because the other may still overlap the next one.
         if o_base + o_len < t_base + t_len:
             i += 1
         else:
@@ -143,7 +143,7 @@ def merge_lines(
     ours_label: str = "HEAD",
     theirs_label: str = "theirs",
 ) -> MergedText:
-    """Merge two edited versions of `base`; conflicting stretches get marker lines."""
+    """Merge two edited versions of `base`, writing marker lines around conflicting stretches."""
     result: list[bytes] = []
     conflicts = 0
     for hunk in merge_hunks(base, ours, theirs):
@@ -164,7 +164,7 @@ def merge_lines(
 
 
 def merge_text(base: bytes, ours: bytes, theirs: bytes, *, ours_label: str = "HEAD", theirs_label: str = "theirs") -> MergedText:
-    """Merge byte strings line by line; see `merge_lines`."""
+    """Merge byte strings line by line, as `merge_lines` does."""
     return merge_lines(
         split_lines(base), split_lines(ours), split_lines(theirs), ours_label=ours_label, theirs_label=theirs_label
     )
