@@ -1,10 +1,10 @@
 """The `p2pvc` command line.
 
 Commands print results on stdout (JSON with --json) and progress and errors
-on stderr. Every expected failure prints one `error:` line, an optional
-`hint:` line, and exits with the code of its category (see docs/cli.md):
-0 ok, 1 unexpected, 2 bad usage, 3 user error, 4 conflict, 5 corruption,
-6 local storage, 7 bad signature, 8 peer.
+on stderr. Every expected failure prints one `error:` line and an optional
+`hint:` line, and exits with the code of its category. The codes are 0 ok,
+1 unexpected, 2 bad usage, 3 user error, 4 conflict, 5 corruption, 6 local
+storage, 7 bad signature and 8 peer (docs/cli.md has examples).
 
 Networking code is never imported by commands that do not use the network.
 """

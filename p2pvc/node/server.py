@@ -1,4 +1,4 @@
-"""Serving repositories to peers: one request per stream, answered from the local store.
+"""Serving repositories to peers: one request per stream, served from the local store.
 
 A node serves only what it has stored and verified. Ref updates are stored
 only after their whole closure is (see `p2pvc.node.pull`), so every ref a
@@ -29,7 +29,7 @@ class RepoServer:
         self.requests_served = 0
 
     async def handle(self, stream: FrameStream) -> None:
-        """Answer one request; a protocol violation closes the stream with a logged reason."""
+        """Serve one request. A protocol violation closes the stream with a logged reason."""
         peer = stream.peer_id
         try:
             request = await stream.receive()

@@ -1,7 +1,7 @@
 """Wire messages of the sync protocol, and their one validated decoding.
 
 Theory of operation. Every libp2p stream of `SYNC_PROTOCOL` carries one
-request frame from the opener and one or more response frames back; a
+request frame from the opener and one or more response frames back. A
 frame is a 4-byte big-endian length and a msgpack array `[type, ...]`.
 Streams are cheap on a shared Yamux connection, so there is no session
 state beyond one request. Decoding happens here, once: the rest of the code

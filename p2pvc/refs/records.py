@@ -5,7 +5,7 @@
   another.
 * `RefUpdate`: sets one ref to a commit (or deletes it, target None) at a
   hybrid-logical-clock timestamp. `supersedes` lists the ids of the updates
-  the author saw as current and meant to replace; it records intent, which
+  the author saw as current and meant to replace. It records intent, which
   a fast-forward alone cannot show (a resolved conflict, a rollback).
 
 Both encode as canonical msgpack arrays like the objects in

@@ -156,9 +156,9 @@ class ObjectStore:
 class WriteSession:
     """Appends new records and commits their index rows durably.
 
-    Use as a context manager: leaving it normally commits what is pending;
-    leaving by an exception drops the pending rows (their bytes become a
-    torn tail). Not thread-safe: one thread writes.
+    Use it as a context manager. Leaving it normally commits what is pending.
+    Leaving it by an exception drops the pending rows and truncates their
+    bytes from the pack. One thread writes: the session is not thread-safe.
     """
 
     def __init__(self, store: ObjectStore, batch_bytes: int = BATCH_BYTES) -> None:
@@ -211,8 +211,8 @@ class WriteSession:
     ) -> bool:
         """Store an already encoded record unless present; the caller has verified `oid`.
 
-        `checked` says the caller found it absent from the index already, so only
-        this session's pending records need checking.
+        With `checked`, the caller has found it absent from the index already, so
+        only this session's pending records need checking.
         """
         if oid in self._pending or (not checked and self.store.has(oid)):
             return False

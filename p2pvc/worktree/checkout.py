@@ -303,8 +303,8 @@ def _write(tree, path, entry: Entry, store, cache, umask, result: ApplyResult, p
             os.unlink(tmp, dir_fd=parent_fd)
         raise
     if kind == ENTRY_FILE:
-        # Stat after the rename: a rename changes the ctime on ext4, and the cache row must
-        # match what the next status sees.
+        # Stat after the rename, because a rename changes the ctime on ext4 and the cache
+        # row must match what the next status reads.
         st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
         result.files_written += 1
         result.bytes_written += size

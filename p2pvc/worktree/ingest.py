@@ -1,6 +1,6 @@
 """Turning a file into a manifest: read, chunk, hash, and optionally store.
 
-Theory of operation. A reader thread fills `PIECE_SIZE` blocks; the main
+Theory of operation. A reader thread fills `PIECE_SIZE` blocks. The main
 thread walks them with a position `pos` that is always a chunk boundary of
 the sequential FastCDC chunking of the whole file, and emits one chunk at a
 time. Two ways to find the next chunk:
@@ -167,7 +167,7 @@ class _FileRun:
                 joined_eof = eof and len(piece) <= 2 * MAX_CHUNK
                 self._walk(joined, carry_offset, joined_eof, stop_at=piece_offset)
                 if self.pos < piece_offset:
-                    # Only when the new piece is short: `joined` already holds all of it.
+                    # Only when the new piece is short: `joined` already contains all of it.
                     carry = joined[self.pos - carry_offset :]
                     carry_offset = self.pos
                     joined = None
