@@ -159,7 +159,6 @@ def test_bundle_carries_retired_targets(replicas: Replicas) -> None:
     assert ref_states(replicas.b) == ref_states(replicas.a)
 
 
-@pytest.mark.xfail(strict=True, reason="an update whose commit gc removed can never be stored elsewhere (closure rule)")
 def test_bundle_after_gc_same_state(replicas: Replicas) -> None:
     commit(replicas.a, {"a.txt": b"a\n"})
     _deleted_branch(replicas.a)

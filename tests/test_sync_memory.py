@@ -164,3 +164,26 @@ def test_commit_objects_decode(pair):
     _write(origin, "a.txt", b"a")
     result = commit(origin, "x")
     assert isinstance(origin.store.get_object(result.id), model.Commit)
+
+
+async def test_deleted_branch_after_gc_no_conflict(pair):
+    origin, replica = pair
+    from p2pvc.ops.history import create_branch, delete_branch
+    from p2pvc.ops.maintenance import gc
+
+    _write(origin, "a.txt", b"a\n")
+    commit(origin, "first")
+    create_branch(origin, "experiment")
+    checkout(origin, "experiment")
+    _write(origin, "e.bin", os.urandom(100_000))
+    commit(origin, "experiment only")
+    checkout(origin, "main")
+    delete_branch(origin, "experiment")
+    assert gc(origin).removed_objects > 0
+    async with trio.open_nursery() as nursery:
+        client = PeerClient(_connect(RepoServer({origin.id: origin}), nursery), "server", origin.id)
+        report = await pull(replica, client)
+    state = replica.ref_state("refs/heads/experiment")
+    assert not state.conflicted
+    assert state.deleted
+    assert report.incomplete == []

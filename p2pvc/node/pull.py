@@ -29,6 +29,7 @@ from p2pvc.store.objectstore import WriteSession
 from p2pvc.sync.closure import KIND_CHUNK, ClosureWalker
 from p2pvc.sync.heads import differing, local_digests
 from p2pvc.sync.receive import verify as verify_received
+from p2pvc.sync.retired import storable_without_content
 from p2pvc.sync.state import SyncState
 
 log = logging.getLogger(__name__)
@@ -259,20 +260,30 @@ def _apply_updates(
 
     In a history-only replica the closure stops at manifests, and nothing is marked complete.
     """
-    for update in sorted(updates, key=lambda u: (u.clock, u.id)):
+    complete: dict[bytes, ClosureWalker | None] = {}
+    for update in updates:
+        complete[update.id] = None
         if update.target is not None:
             check = ClosureWalker(repo.store.has, _loader(repo), state.is_complete, with_chunks=with_chunks)
             check.add(update.target)
             missing = check.walk()
             if missing.objects or missing.chunks:
-                report.incomplete.append(update.name)
-                log.info(
-                    "not applying %s from %s yet: %d objects and %d chunks are missing",
-                    update.name, report.peer, len(missing.objects), len(missing.chunks),
-                )
+                del complete[update.id]
                 continue
-            if with_chunks:
-                state.mark_complete(check.commits)
+            complete[update.id] = check
+    # Updates that will be stored: already stored ones, and the complete ones of this batch.
+    superseders = [u for u in updates if u.id in complete]
+    for name in {u.name for u in updates}:
+        superseders += repo.refs.updates(name)
+    for update in sorted(updates, key=lambda u: (u.clock, u.id)):
+        if update.id not in complete:
+            if not storable_without_content(update, superseders):
+                report.incomplete.append(update.name)
+                log.info("not applying %s from %s yet: part of its content is missing", update.name, report.peer)
+                continue
+            # Retired by a later update: it can never be the ref's value, so its content is not needed.
+        elif with_chunks and complete[update.id] is not None:
+            state.mark_complete(complete[update.id].commits)
         try:
             if repo.refs.add_verified(update):
                 report.updates_applied += 1

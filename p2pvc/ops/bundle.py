@@ -65,6 +65,7 @@ from p2pvc.refs import membership
 from p2pvc.refs.records import BRANCH_PREFIX, TAG_PREFIX, RefUpdate, decode_ref_update, encode_ref_update
 from p2pvc.repo import Repository
 from p2pvc.sync.closure import KIND_CHUNK, ClosureWalker
+from p2pvc.sync.retired import storable_without_content
 from p2pvc.sync.heads import local_digests
 from p2pvc.sync.receive import Assembler
 from p2pvc.sync.receive import verify as verify_received
@@ -410,14 +411,21 @@ class _Applier:
         """Store each ref update whose closure is complete, oldest first, as a pull does."""
         repo = self.repo
         before = {u.name: _target(repo, u.name) for u in self.updates}
+        checks = {u.id: self._closure(u.target) if u.target is not None else None for u in self.updates}
+        complete = {u.id for u in self.updates if u.target is None or checks[u.id] is not None}
+        # Updates that will be stored: already stored ones, and the complete ones of this bundle.
+        superseders = [u for u in self.updates if u.id in complete]
+        for name in {u.name for u in self.updates}:
+            superseders += repo.refs.updates(name)
         for update in sorted(self.updates, key=lambda u: (u.clock, u.id)):
-            if update.target is not None:
-                check = self._closure(update.target)
-                if check is None:
+            check = checks[update.id]
+            if update.id not in complete:
+                if not storable_without_content(update, superseders):
                     self.report.incomplete.append(update.name)
                     continue
-                if self.with_chunks:
-                    self.sync_state.mark_complete(check.commits)
+                # Retired by a later update: it can never be the ref's value, so its content is not needed.
+            elif check is not None and self.with_chunks:
+                self.sync_state.mark_complete(check.commits)
             try:
                 if repo.refs.add_verified(update):
                     self.report.updates_applied += 1
