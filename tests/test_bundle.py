@@ -145,7 +145,7 @@ def _deleted_branch(repo: Repository) -> None:
     worktree_ops.checkout(repo, "exp")
     commit(repo, {"exp.txt": b"only on exp\n"})
     worktree_ops.checkout(repo, "main")
-    history.delete_branch(repo, "exp")
+    history.delete_branch(repo, "exp", force=True)
 
 
 def test_bundle_carries_retired_targets(replicas: Replicas) -> None:

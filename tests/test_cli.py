@@ -976,7 +976,7 @@ def test_gc_removes_only_unreachable(repo_cli: Cli, worktree: Path) -> None:
     release_hash = hash_file(worktree / "release.bin")
 
     cli.ok("switch", "main")
-    cli.ok("branch", "-d", "side")
+    cli.ok("branch", "-d", "--force", "side")
     cli.ok("branch", "-d", "release")
     report = cli.json("gc")
     assert report["removed_objects"] >= 4  # side's commit, tree, manifest and chunks
@@ -1066,3 +1066,23 @@ def test_stats_text_output(repo_cli: Cli, worktree: Path) -> None:
     lines = repo_cli.ok("stats").stdout.splitlines()
     assert lines[0].split() == ["commits:", "1"]
     assert lines[-2].split() == ["dedupe", "ratio:", "1.00x"]
+
+
+def test_branch_delete_unmerged_needs_force(two_commits) -> None:
+    cli, first, _second = two_commits
+    cli.ok("branch", "side")
+    cli.ok("switch", "side")
+    (cli.cwd / "side.txt").write_text("only on side\n")
+    cli.commit("side only")
+    cli.ok("switch", "main")
+    cli.fail(EXIT_USER, "branch", "-d", "side")
+    cli.ok("branch", "-d", "--force", "side")
+    assert [b["name"] for b in cli.json("branch")] == ["main"]
+
+
+def test_commit_empty_message_fails(repo_cli) -> None:
+    repo_cli.fail(EXIT_USER, "commit", "-m", "   ", "--allow-empty")
+
+
+def test_commit_meta_twice_fails(repo_cli) -> None:
+    repo_cli.fail(EXIT_USER, "commit", "-m", "x", "--allow-empty", "--meta", "step=1", "--meta", "step=2")

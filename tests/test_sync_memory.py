@@ -178,7 +178,7 @@ async def test_deleted_branch_after_gc_no_conflict(pair):
     _write(origin, "e.bin", os.urandom(100_000))
     commit(origin, "experiment only")
     checkout(origin, "main")
-    delete_branch(origin, "experiment")
+    delete_branch(origin, "experiment", force=True)
     assert gc(origin).removed_objects > 0
     async with trio.open_nursery() as nursery:
         client = PeerClient(_connect(RepoServer({origin.id: origin}), nursery), "server", origin.id)

@@ -70,8 +70,10 @@ def _parse_meta(items: list[str] | None) -> dict[str, str]:
     result: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise UserError(f"invalid --meta {item!r}", hint="write it as KEY=VALUE, e.g. --meta step=12000")
+        if key.strip() in result:
+            raise UserError(f"--meta {key.strip()} is given twice", hint="give each key once")
         result[key.strip()] = value.strip()
     return result
 
@@ -422,6 +424,9 @@ def branch(
     name: Annotated[Optional[str], typer.Argument(help="Branch to create (lists branches when omitted).")] = None,
     rev: Annotated[str, typer.Argument(help="Where the new branch starts.")] = "HEAD",
     delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the named branch.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Delete even if no other ref reaches the branch's commits.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """List branches, create one at a revision, or delete one."""
@@ -431,8 +436,8 @@ def branch(
     if name is None:
         _list_refs(repo, "refs/heads/", as_json)
     elif delete:
-        delete_branch(repo, name)
-        typer.echo(f"Deleted branch {name}")
+        target = delete_branch(repo, name, force=force)
+        typer.echo(f"Deleted branch {name} (was {target.hex()[:12] if target else 'empty'})")
     else:
         target = create_branch(repo, name, rev)
         typer.echo(f"Created branch {name} at {target.hex()[:12]}")
@@ -582,6 +587,8 @@ def sync(
     from p2pvc.node import runner
 
     repo = _open()
+    for address in peers or []:
+        _peer_id_of(address)  # a malformed address is a usage mistake, not an unreachable peer
     if content and repo.history_only:
         repo.set_history_only(False)
     head_ref, head_before = repo.head()
@@ -598,7 +605,11 @@ def sync(
     failed = [r for r in result.reports if r.error]
     if result.unreachable or failed:
         names = [a for a, _ in result.unreachable] + [r.peer for r in failed]
-        raise PeerError(f"could not sync with {len(names)} peer(s): {', '.join(names)}", hint="the others were synced")
+        synced = len(result.reports) - len(failed)
+        raise PeerError(
+            f"could not sync with {len(names)} peer(s): {', '.join(names)}",
+            hint=f"the other {synced} peer(s) were synced" if synced else "check that p2pvc serve runs at that address",
+        )
 
 
 def _update_worktree(repo, head_ref: str | None, head_before: bytes | None) -> str | None:
@@ -660,7 +671,10 @@ def _print_sync(result) -> None:
         for c in pulled.changes:
             old = c.old.hex()[:12] if c.old else "(new)"
             new = c.new.hex()[:12] if c.new else "(deleted)"
-            typer.echo(f"  {c.name}: {old} -> {new}" + ("  CONFLICT" if c.conflicted else ""))
+            if c.old == c.new and c.conflicted:
+                typer.echo(f"  {c.name}: CONFLICT, divergent heads; see p2pvc conflicts, then p2pvc merge")
+            else:
+                typer.echo(f"  {c.name}: {old} -> {new}" + ("  CONFLICT (see p2pvc conflicts)" if c.conflicted else ""))
         for reason in pulled.updates_rejected:
             typer.echo(f"  rejected: {reason}")
         for name in pulled.incomplete:
@@ -672,7 +686,9 @@ def _print_sync(result) -> None:
 @app.command()
 def clone(
     address: Annotated[str, typer.Argument(help="Address of a serving peer, /ip4/HOST/tcp/PORT/p2p/PEER_ID.")],
-    directory: Annotated[Optional[Path], typer.Argument(help="Folder to create (default: ./p2pvc-REPOID).")] = None,
+    directory: Annotated[
+        Optional[Path], typer.Argument(help="Folder to create (default: ./p2pvc-ID, with the repository's short id).")
+    ] = None,
     repo_id: Annotated[Optional[str], typer.Option("--repo", help="Repository id, if the peer serves several.")] = None,
     no_content: Annotated[
         bool, typer.Option("--no-content", help="Fetch history only; fetch file content later with p2pvc sync --content.")
@@ -684,8 +700,8 @@ def clone(
     from p2pvc.node import runner
     from p2pvc.ops.worktree_ops import checkout as run_checkout
 
-    target = Path(_user_path(directory or "p2pvc-clone")).absolute()
-    if target.exists() and any(target.iterdir()):
+    target = Path(_user_path(directory)).absolute() if directory else None
+    if target is not None and target.exists() and any(target.iterdir()):
         raise UserError(f"{target} exists and is not empty", hint="pass a new folder")
     repo, report = trio.run(
         lambda: runner.clone(
@@ -695,7 +711,7 @@ def clone(
     state = repo.ref_state("refs/heads/main")
     if state is not None and state.target is not None and not no_content:
         run_checkout(repo, "main", force=True)
-    typer.echo(f"Cloned repository {repo.id.hex()[:12]} into {target}")
+    typer.echo(f"Cloned repository {repo.id.hex()[:12]} into {repo.worktree}")
     if report.pulled:
         typer.echo(f"  {len(repo.refs.names())} ref(s), {output.human_bytes(report.pulled.bytes_fetched)} fetched")
     if repo.identity.public_key not in repo.refs.members().current:
@@ -811,11 +827,11 @@ def gc(
     if as_json:
         output.emit_json(report.__dict__)
         return
-    verb = "would remove" if dry_run else "removed"
+    remove, rewrite = ("would remove", "would rewrite") if dry_run else ("removed", "rewrote")
     typer.echo(
-        f"{report.reachable} reachable object(s); {verb} {report.removed_objects} object(s), "
-        f"{output.human_bytes(report.freed_bytes)}, rewrote {report.packs_rewritten} pack(s), "
-        f"{report.orphan_packs_removed} orphan pack(s)"
+        f"{report.reachable} reachable object(s); {remove} {report.removed_objects} object(s), "
+        f"{output.human_bytes(report.freed_bytes)}; {rewrite} {report.packs_rewritten} pack(s); "
+        f"{remove} {report.orphan_packs_removed} orphan pack(s)"
     )
 
 

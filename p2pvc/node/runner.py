@@ -100,7 +100,7 @@ async def sync(repo: Repository, addresses: list[str], *, progress: Progress = N
 
 async def clone(
     address: str,
-    path: Path,
+    path: Path | None,
     *,
     repo_hex: str | None = None,
     history_only: bool = False,
@@ -122,6 +122,10 @@ async def clone(
         if len(records) > 1:
             ids = ", ".join(decode_repository(r).id.hex()[:12] for r in records)
             raise UserError(f"peer {peer_id} serves several repositories: {ids}", hint="choose one with --repo ID")
+    if path is None:
+        path = Path.cwd() / f"p2pvc-{decode_repository(records[0]).id.hex()[:12]}"
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"{path} exists and is not empty", hint="pass a folder name to p2pvc clone")
     repo = Repository.init_from_record(path, records[0], identity)
     try:
         if history_only:

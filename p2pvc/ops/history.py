@@ -154,14 +154,29 @@ def create_branch(repo: Repository, name: str, rev: str = "HEAD") -> bytes:
     return target
 
 
-def delete_branch(repo: Repository, name: str) -> None:
+def delete_branch(repo: Repository, name: str, *, force: bool = False) -> bytes | None:
+    """Delete a branch; return the commit it pointed at.
+
+    Without `force`, refuses when no other ref reaches that commit, since gc
+    would then remove the branch's commits for good.
+    """
     full = BRANCH_PREFIX + name
     state = repo.ref_state(full)
     if state is None or state.deleted:
         raise UserError(f"branch {name} does not exist")
     if repo.head()[0] == full:
         raise UserError(f"cannot delete branch {name}: it is checked out", hint="switch to another branch first")
-    repo.set_ref(full, None, expected=state.target)
+    target = state.target
+    if target is not None and not force:
+        others = [s.target for s in repo.ref_states() if s.name != full and s.target is not None]
+        if not any(repo.is_ancestor(target, other) for other in others):
+            raise UserError(
+                f"branch {name} ({target.hex()[:12]}) is not reached by any other branch or tag; "
+                "after deleting it, gc would remove its commits",
+                hint=f"merge it first, tag it, or delete anyway with: p2pvc branch -d --force {name}",
+            )
+    repo.set_ref(full, None, expected=target)
+    return target
 
 
 def create_tag(repo: Repository, name: str, rev: str = "HEAD") -> bytes:

@@ -94,6 +94,8 @@ def commit(
         from p2pvc.ops.merge import continue_merge  # p2pvc.ops.merge imports this module
 
         return continue_merge(repo, message, metadata, progress=progress)
+    if not message.strip():
+        raise UserError("the commit message is empty", hint='say what changed with -m "..."')
     metadata = dict(metadata or {})
     _check_commit_fields(message, metadata)
     repo.require_member()
