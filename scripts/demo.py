@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import struct
 import subprocess
@@ -34,7 +35,7 @@ FINE_TUNED_PREFIX = "encoder.layer.5."  # the last of the model's six encoder la
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    print(f"\n$ p2pvc {' '.join(args)}", flush=True)
+    print(f"\n$ p2pvc {shlex.join(args)}", flush=True)
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "p2pvc.cli.main", *args], cwd=cwd, env=env, text=True, capture_output=True, timeout=600

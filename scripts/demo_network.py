@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -46,7 +47,8 @@ class Node:
         self.log_path = root / f"{name}.log"
 
     def p2pvc(self, *args: str, check: bool = True, quiet: bool = False) -> str:
-        print(f"\n[{self.name}] $ p2pvc {' '.join(args)}", flush=True)
+        if not quiet:
+            print(f"\n[{self.name}] $ p2pvc {shlex.join(args)}", flush=True)
         proc = subprocess.run(
             [sys.executable, "-m", "p2pvc.cli.main", *args],
             cwd=self.dir if self.dir.exists() else self.dir.parent,
@@ -166,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
               f"({elapsed:.1f} s of it waiting for gossip).")
 
         print("\n--- final state of each node ---")
+        print("A serving node's files stay as they are when a peer moves a branch, so each node")
+        print("checks out main (its tree is clean, so nothing local is overwritten).")
         digests = {}
         for node in (a, b, c):
             node.stop_serving()
             node.p2pvc("branch")
             node.p2pvc("log", "-n", "2")
-            node.p2pvc("checkout", "--force", "main")
+            node.p2pvc("checkout", "main")
             node.p2pvc("fsck")
             digests[node.name] = tree_digest(node.dir)
         if not (digests["lab-a"] == digests["lab-b"] == digests["laptop-c"]):
