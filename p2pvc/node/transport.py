@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from p2pvc.errors import PeerError
-from p2pvc.net.framing import FrameError, close_quietly, read_frame, reset_quietly, stream_peer_id, write_frame
+from p2pvc.net.framing import HEADER, FrameError, close_quietly, read_frame, reset_quietly, stream_peer_id
 from p2pvc.net.host import Host, open_host
 from p2pvc.node.streams import READ_TIMEOUT_S, StreamClosed
 from p2pvc.protocol import messages
@@ -21,20 +21,81 @@ from p2pvc.protocol.messages import SYNC_PROTOCOL, Message
 WRITE_TIMEOUT_S = 60.0
 
 
+class _ReadAhead:
+    """A stream wrapper whose reads take everything the muxer has buffered, up to READ_SIZE.
+
+    Each read of a Yamux stream has a fixed cost (locking, a window update), and
+    the frame reader asks for a header and then a payload. Serving both, and the
+    next frames, from one large read halves the reads per frame and more when
+    the receiver falls behind. Other attributes pass through to the stream.
+    """
+
+    READ_SIZE = 4 * 1024 * 1024
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def read(self, n: int | None = None) -> bytes:
+        if not self._buffer:
+            data = await self._stream.read(self.READ_SIZE)
+            if not data:
+                return data
+            self._buffer += data
+        size = len(self._buffer) if n is None or n < 0 else min(n, len(self._buffer))
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 class Libp2pFrameStream:
     """A libp2p stream carrying sync-protocol messages, one per frame."""
 
+    WRITE_BATCH = 1024 * 1024  # bytes of frames gathered into one stream write
+
     def __init__(self, stream, peer_id: str) -> None:
-        self._stream = stream
+        self._stream = _ReadAhead(stream)
         self.peer_id = peer_id
+        self._pending: list[bytes] = []  # whole frames (header and payload) not written yet
+        self._pending_bytes = 0
 
     async def send(self, message: Message) -> None:
+        """Queue one frame; frames go out in writes of about WRITE_BATCH bytes.
+
+        Each stream write costs a Yamux frame and a Noise record on both sides,
+        so a response of many chunks is written in large batches. `receive` and
+        `close` flush first, so a request never waits unsent.
+        """
+        payload = messages.encode(message)
+        self._pending.append(HEADER.pack(len(payload)) + payload)
+        self._pending_bytes += HEADER.size + len(payload)
+        if self._pending_bytes >= self.WRITE_BATCH:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
         try:
-            await write_frame(self._stream, messages.encode(message), WRITE_TIMEOUT_S)
-        except FrameError as exc:
-            raise StreamClosed(exc.message) from exc
+            with trio.fail_after(WRITE_TIMEOUT_S):
+                await self._stream.write(data)
+        except trio.TooSlowError as exc:
+            await reset_quietly(self._stream)
+            raise StreamClosed(f"writing to peer {self.peer_id} timed out after {WRITE_TIMEOUT_S:g} s") from exc
+        except trio.Cancelled:
+            await reset_quietly(self._stream)
+            raise
+        except Exception as exc:  # StreamReset, StreamClosed, StreamError: the class depends on the stream
+            await reset_quietly(self._stream)
+            raise StreamClosed(f"writing to peer {self.peer_id} failed: {exc!r}") from exc
 
     async def receive(self) -> Message:
+        await self.flush()
         try:
             data = await read_frame(self._stream, READ_TIMEOUT_S, messages.MAX_FRAME)
         except FrameError as exc:
@@ -44,6 +105,10 @@ class Libp2pFrameStream:
         return messages.decode(data)
 
     async def close(self) -> None:
+        try:
+            await self.flush()
+        except StreamClosed:
+            return
         await close_quietly(self._stream)
 
     async def reset(self) -> None:
