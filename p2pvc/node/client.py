@@ -32,7 +32,7 @@ class PeerClient:
             raise PeerError(f"peer {self.peer_id} closed the stream: {exc}") from exc
         if isinstance(message, m.ErrorResponse):
             await stream.reset()
-            raise PeerError(f"peer {self.peer_id} answered with error {message.code}: {message.message}")
+            raise PeerError(f"peer {self.peer_id} responded with error {message.code}: {message.message}")
         return message
 
     async def repository_records(self, repo: bytes | None) -> tuple[bytes, ...]:

@@ -30,7 +30,7 @@ from p2pvc.sync.closure import KIND_CHUNK, ClosureWalker
 from p2pvc.sync.heads import differing, local_digests
 from p2pvc.sync.receive import verify as verify_received
 from p2pvc.sync.retired import storable_without_content
-from p2pvc.sync.state import SyncState
+from p2pvc.sync.state import RefChange, SyncState
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,6 @@ SYNC_COMMIT_BYTES = 32 * 1024 * 1024  # durable index batches: an interrupted pu
 
 class MisbehavingPeer(PeerError):
     """The peer sent data that failed verification."""
-
-
-@dataclass
-class RefChange:
-    name: str
-    old: bytes | None
-    new: bytes | None
-    conflicted: bool
 
 
 @dataclass

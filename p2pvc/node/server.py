@@ -42,8 +42,8 @@ class RepoServer:
         except StreamClosed as exc:
             log.debug("stream from %s closed early: %s", peer, exc)
         except PeerError as exc:
-            # Handling the request needed something from the peer (a pull after its announcement)
-            # and that failed: the fault is the peer's, so say why.
+            # Handling the request needed something from the peer (a pull after its announcement),
+            # and that failed. The fault is the peer's, so the error tells it why.
             log.warning("request from %s failed: %s", peer, exc.message)
             await _send_error(stream, m.ERR_BAD_REQUEST, exc.message)
         except P2pvcError as exc:

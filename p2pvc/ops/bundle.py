@@ -69,7 +69,7 @@ from p2pvc.sync.retired import storable_without_content
 from p2pvc.sync.heads import local_digests
 from p2pvc.sync.receive import Assembler
 from p2pvc.sync.receive import verify as verify_received
-from p2pvc.sync.state import SyncState
+from p2pvc.sync.state import RefChange, SyncState
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +248,6 @@ def _open_for_reading(path: Path) -> BinaryIO:
 
 
 # Applying -------------------------------------------------------------------------------
-
-
-@dataclass
-class RefChange:
-    name: str
-    old: bytes | None
-    new: bytes | None
-    conflicted: bool
 
 
 @dataclass

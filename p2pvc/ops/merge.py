@@ -62,7 +62,7 @@ from p2pvc.ops.conflicts import (
 
 # The helpers below are private to worktree_ops. A merge commit captures the working tree
 # the same way as a commit, so sharing them keeps the two paths identical.
-from p2pvc.ops.worktree_ops import CommitResult, _capture, _check_commit_fields, _require_content, commit_tree
+from p2pvc.ops.worktree_ops import CommitResult, _capture, _check_commit_fields, _require_content, apply_plan, commit_tree
 from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.refs.records import BRANCH_PREFIX
 from p2pvc.repo import Repository
@@ -73,7 +73,6 @@ from p2pvc.worktree import merge3
 from p2pvc.worktree.changes import compare, state_of
 from p2pvc.worktree.scan import scan
 from p2pvc.worktree.snapshot import FlatState
-from p2pvc.worktree.statcache import StatCache
 from p2pvc.worktree.trees import build, flatten
 
 Entry = tuple[int, bool, bytes, int]  # kind, executable, target, size
@@ -442,7 +441,7 @@ def _three_way(
         _require_unblocked(the_plan)
         # Recorded before any file changes, so an interrupted write can still be aborted or continued.
         save_pending_merge(repo, PendingMerge(result.ours, result.theirs, tree_id, label, tuple(outcome.conflicts)))
-        result.applied = _apply(repo, the_plan, progress)
+        result.applied = apply_plan(repo, the_plan, progress)
         return
     where = (result.ref or "HEAD").removeprefix(BRANCH_PREFIX)
     commit_id = _write_commit(repo, tree_id, (result.ours, result.theirs), message or f"Merge {label} into {where}", {})
@@ -491,7 +490,7 @@ def _publish(
         repo.set_head(target)
     # The base moves only after the files are written. After a crash in between, the next
     # commit is refused (the branch moved) instead of recording the old files over the merge.
-    applied = _apply(repo, the_plan, progress)
+    applied = apply_plan(repo, the_plan, progress)
     repo.set_worktree_base(target)
     return applied
 
@@ -504,17 +503,6 @@ def _require_unblocked(the_plan: co.Plan) -> None:
             f"{os.fsdecode(path)} ({reason})",
             hint="move those files away, then merge again",
         )
-
-
-def _apply(repo: Repository, the_plan: co.Plan, progress: Progress) -> co.ApplyResult:
-    cache = StatCache(repo.db)
-    progress.start("writing", the_plan.write_bytes)
-    try:
-        applied = co.apply(repo.worktree, the_plan, repo.store, cache, progress.advance)
-    finally:
-        progress.finish()
-    cache.save()
-    return applied
 
 
 # Finishing or dropping a merge that stopped with conflicts ----------------------------------
@@ -601,7 +589,7 @@ def abort_merge(repo: Repository, *, progress: Progress = NULL_PROGRESS) -> co.A
             # If gc removed the merge's tree, treat every path either side has as written by the merge.
             written = {**state_of(commit_tree(repo, pending.theirs)), **ours_state}
         work = _capture(repo, scan(repo.worktree), {}, store_content=False, progress=progress, label="checking").flat
-        applied = _apply(repo, co.plan(written, work, ours_state, force=True), progress)
+        applied = apply_plan(repo, co.plan(written, work, ours_state, force=True), progress)
         clear_pending_merge(repo)
         repo.set_worktree_base(pending.ours)
     return applied

@@ -223,13 +223,7 @@ def checkout(repo: Repository, rev: str, *, force: bool = False, progress: Progr
         scanned = scan(repo.worktree)
         work = _capture(repo, scanned, base_flat, store_content=False, progress=progress, label="checking")
         the_plan = co.plan(state_of(base_flat), work.flat, state_of(target_flat), force=force)
-        cache = StatCache(repo.db)
-        progress.start("writing", the_plan.write_bytes)
-        try:
-            applied = co.apply(repo.worktree, the_plan, repo.store, cache, progress.advance)
-        finally:
-            progress.finish()
-        cache.save()
+        applied = apply_plan(repo, the_plan, progress)
         repo.set_head(branch if branch else target_id, worktree_base=target_id)
     return CheckoutResult(target_id, branch, applied)
 
@@ -249,13 +243,19 @@ def restore(repo: Repository, paths: list[str], source: str = "HEAD", progress: 
         the_plan = co.plan(state_of(head_flat), work.flat, state_of(source_flat), force=True, only=[p for p in rel if p] or None)
         # Restore only brings back the source version: it removes nothing.
         the_plan.removals = []
-        cache = StatCache(repo.db)
-        progress.start("writing", the_plan.write_bytes)
-        try:
-            applied = co.apply(repo.worktree, the_plan, repo.store, cache, progress.advance)
-        finally:
-            progress.finish()
-        cache.save()
+        applied = apply_plan(repo, the_plan, progress)
+    return applied
+
+
+def apply_plan(repo: Repository, the_plan: co.Plan, progress: Progress = NULL_PROGRESS) -> co.ApplyResult:
+    """Write a checkout plan into the working tree, with a progress bar, and save the stat cache rows it made."""
+    cache = StatCache(repo.db)
+    progress.start("writing", the_plan.write_bytes)
+    try:
+        applied = co.apply(repo.worktree, the_plan, repo.store, cache, progress.advance)
+    finally:
+        progress.finish()
+    cache.save()
     return applied
 
 

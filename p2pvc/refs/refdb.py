@@ -185,8 +185,8 @@ class RefDB:
         """Write a signed update of `name` to `target`.
 
         `expected` is the commit the caller based its change on; when the ref's
-        value differs at write time, nothing is written and ConflictError says
-        so. The check and the insert run in one IMMEDIATE transaction, so two
+        value differs at write time, nothing is written and ConflictError is
+        raised. The check and the insert run in one IMMEDIATE transaction, so two
         processes cannot both succeed from the same starting point.
 
         The update supersedes only the current heads that `target` descends

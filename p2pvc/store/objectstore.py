@@ -284,7 +284,7 @@ class WriteSession:
         self.store.packs_dir.mkdir(exist_ok=True)
         name = f"pack-{secrets.token_hex(8)}.pack"
         path = self.store.packs_dir / name
-        # The file exists (locked by us) before its row, so gc never sees a row without a file;
+        # The file exists (locked by us) before its row, so gc never finds a row without a file;
         # a crash in between leaves an unlisted file that gc removes.
         appender = PackAppender(path, 0, len(PACK_MAGIC), new=True)
         appender.sync()

@@ -24,6 +24,16 @@ CREATE TABLE IF NOT EXISTS peers (
 
 
 @dataclass(frozen=True)
+class RefChange:
+    """How one ref moved during a pull or a bundle apply."""
+
+    name: str
+    old: bytes | None
+    new: bytes | None
+    conflicted: bool
+
+
+@dataclass(frozen=True)
 class Peer:
     peer_id: str
     address: str
