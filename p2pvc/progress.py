@@ -14,6 +14,9 @@ class Progress(Protocol):
 
     def advance(self, amount: int) -> None: ...
 
+    def describe(self, label: str) -> None:
+        """Replace the label of the running bar (a fetch shows how many peers serve it)."""
+
     def finish(self) -> None: ...
 
 
@@ -22,6 +25,9 @@ class NullProgress:
         pass
 
     def advance(self, amount: int) -> None:
+        pass
+
+    def describe(self, label: str) -> None:
         pass
 
     def finish(self) -> None:

@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from p2pvc.cli import merge_commands, output
+from p2pvc.cli import merge_commands, output, swarm_commands
 from p2pvc.errors import P2pvcError, UserError
 
 app = typer.Typer(
@@ -108,12 +108,13 @@ def show_id(as_json: JsonOption = False) -> None:
     from p2pvc.identity.keys import KEY_FILE_NAME, home_dir, load_or_create
 
     from p2pvc.identity.peerid import peer_id
+    from p2pvc.node.addresses import primary_ip
     from p2pvc.node.runner import DEFAULT_PORT
 
     identity = load_or_create()
     key_path = home_dir() / KEY_FILE_NAME
     pid = peer_id(identity.public_key)
-    address = f"/ip4/{_primary_ip()}/tcp/{DEFAULT_PORT}/p2p/{pid}"
+    address = f"/ip4/{primary_ip()}/tcp/{DEFAULT_PORT}/p2p/{pid}"
     if as_json:
         output.emit_json(
             {
@@ -130,21 +131,6 @@ def show_id(as_json: JsonOption = False) -> None:
         typer.echo(f"peer id:     {pid}")
         typer.echo(f"address:     {address}  (when p2pvc serve runs with the default port)")
         typer.echo(f"key file:    {key_path}")
-
-
-def _primary_ip() -> str:
-    """Return this machine's address for the default route, without sending anything."""
-    import socket
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        # connect() on a UDP socket only picks a route and source address; no packet is sent.
-        sock.connect(("192.0.2.1", 9))  # TEST-NET-1 (RFC 5737), never routed to a real host
-        return sock.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-    finally:
-        sock.close()
 
 
 # Working tree ---------------------------------------------------------------------------
@@ -546,6 +532,9 @@ def serve(
     ] = None,
     anti_entropy: Annotated[float, typer.Option(help="Seconds between full exchanges with known peers.")] = 30.0,
     mdns: Annotated[bool, typer.Option("--mdns", help="Find and sync with peers on the local network by mDNS.")] = False,
+    seed: Annotated[
+        bool, typer.Option("--seed", help="Only serve what is stored: never pull, periodically or on announcements.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ) -> None:
     """Serve repositories to peers in the foreground until Ctrl-C or SIGTERM."""
@@ -563,7 +552,7 @@ def serve(
 
     trio.run(
         lambda: runner.serve(
-            repos, runner.default_listen(listen, port), anti_entropy_s=anti_entropy, mdns=mdns, on_ready=ready
+            repos, runner.default_listen(listen, port), anti_entropy_s=anti_entropy, mdns=mdns, seed=seed, on_ready=ready
         )
     )
 
@@ -858,6 +847,7 @@ def stats(as_json: JsonOption = False) -> None:
 
 
 merge_commands.register(app)
+swarm_commands.register(app)
 
 
 def run() -> None:

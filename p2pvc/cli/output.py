@@ -73,6 +73,10 @@ class TerminalProgress:
         if self._progress is not None:
             self._progress.advance(self._task, amount)
 
+    def describe(self, label: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=label)
+
     def finish(self) -> None:
         if self._progress is not None:
             self._progress.stop()

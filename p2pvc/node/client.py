@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import trio
+
 from p2pvc.errors import PeerError
 from p2pvc.node.streams import FrameStream, Opener, StreamClosed
 from p2pvc.protocol import messages as m
@@ -72,12 +74,14 @@ class PeerClient:
         stream = await self._request(m.ObjectsRequest(self.repo, tuple(ids)))
         assembler = Assembler()
         requested = set(ids)
+        ended = False
         try:
             while True:
                 response = await self._receive(stream)
                 if isinstance(response, m.End):
                     if not assembler.idle:
                         raise m.ProtocolViolation("response ended inside an object")
+                    ended = True
                     yield response
                     return
                 if not isinstance(response, m.ObjectPart):
@@ -88,7 +92,24 @@ class PeerClient:
                 if whole is not None:
                     yield whole
         finally:
-            await stream.close()
+            if ended:
+                await stream.close()
+            else:
+                # Abandoned (cancelled, or the caller stopped reading): a reset tells the
+                # responder to stop sending; shielded so that a cancelled caller still sends it.
+                with trio.CancelScope(shield=True):
+                    await stream.reset()
+
+    async def have(self, ids: list[bytes], listen: list[str]) -> m.HaveResponse:
+        """Ask which of these commits are complete and which chunks of these manifests the peer holds."""
+        stream = await self._request(m.HaveRequest(self.repo, tuple(ids), tuple(listen)))
+        response = await self._receive(stream)
+        await stream.close()
+        if not isinstance(response, m.HaveResponse):
+            raise m.ProtocolViolation(f"expected availability, got {type(response).__name__}")
+        if len(response.have) != len(ids):
+            raise m.ProtocolViolation(f"asked about {len(ids)} ids, got {len(response.have)} answers")
+        return response
 
     async def announce(self, records: list[bytes]) -> None:
         stream = await self._request(m.Announce(self.repo, tuple(records)))

@@ -96,7 +96,7 @@ async def pull(repo: Repository, client: PeerClient, *, progress: Progress = NUL
             raise
 
     # 4. Ref updates last, each only once everything it reaches is stored.
-    _apply_updates(repo, state, updates, report, with_chunks)
+    apply_updates(repo, state, updates, report, with_chunks)
     if unfinished and not walker.missing.chunks and not walker.missing.objects:
         state.mark_complete(walker.commits)
     for name, old in before.items():
@@ -105,6 +105,28 @@ async def pull(repo: Repository, client: PeerClient, *, progress: Progress = NUL
         if new != old or (new_state and new_state.conflicted):
             report.changes.append(RefChange(name, old, new, bool(new_state and new_state.conflicted)))
     return report
+
+
+async def pull_history(repo: Repository, client: PeerClient, report: PullReport) -> list[RefUpdate]:
+    """Fetch membership records, new ref updates and every commit, tree and manifest they
+    reach, but no chunks, and apply no ref update; return the verified new updates.
+
+    A swarm fetch starts with this: it must know the files before it can ask
+    anyone for their chunks.
+    """
+    remote = await client.heads()
+    local = local_digests(repo.refs.update_ids_by_name(), [i for i, _ in repo.refs.membership_records()])
+    names = [n for n in differing(local, remote) if n in remote]
+    records = await client.updates(names) if names else []
+    updates = _apply_members_and_parse(repo, records, report)
+    state = SyncState(repo.db)
+    walker = ClosureWalker(repo.store.has, _loader(repo), state.is_complete, with_chunks=False)
+    for update in updates:
+        if update.target is not None:
+            walker.add(update.target)
+    with repo.store.session(SYNC_COMMIT_BYTES) as session:
+        await _fetch_objects(repo, client, walker, session, report)
+    return updates
 
 
 def _target(repo: Repository, name: str) -> bytes | None:
@@ -245,7 +267,7 @@ def _check_commit_author(repo: Repository, client: PeerClient, oid: bytes, commi
         raise MisbehavingPeer(f"peer {client.peer_id} sent commit {oid.hex()[:12]} signed by a non-member")
 
 
-def _apply_updates(
+def apply_updates(
     repo: Repository, state: SyncState, updates: list[RefUpdate], report: PullReport, with_chunks: bool
 ) -> None:
     """Store each update whose closure is now complete; mark the closures complete.

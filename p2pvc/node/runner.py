@@ -50,27 +50,104 @@ async def serve(
     *,
     anti_entropy_s: float,
     mdns: bool = False,
+    seed: bool = False,
     on_ready: Callable[[list[str], str], None] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM; then stop within STOP_TIMEOUT_S."""
+    """Serve until SIGINT or SIGTERM; then stop within STOP_TIMEOUT_S.
+
+    With `seed`, only serve: pull nothing, neither periodically nor on announcements.
+    """
     async with running_node(repos, listen) as node:
         if on_ready is not None:
             on_ready(node.host.listen_addresses(), node.host.peer_id)
         for repo in repos:
-            log.info("serving repository %s from %s", repo.id.hex()[:12], repo.worktree)
+            log.info("serving repository %s from %s%s", repo.id.hex()[:12], repo.worktree, " as a seed" if seed else "")
+        node.pulls_enabled = not seed
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(node.watch_local_records)
-            nursery.start_soon(node.anti_entropy, anti_entropy_s)
+            if not seed:
+                nursery.start_soon(node.watch_local_records)
+                nursery.start_soon(node.anti_entropy, anti_entropy_s)
             if mdns:
                 from p2pvc.node.discovery import run_mdns
 
                 port = int(node.host.listen_addresses()[0].split("/tcp/")[1].split("/")[0])
                 nursery.start_soon(run_mdns, node.host.libp2p_host, port, node.exchange_with_discovered)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("received %s, stopping", signal.Signals(signum).name)
-                    break
+            await _until_signal()
             nursery.cancel_scope.cancel()
+
+
+async def _until_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            return
+
+
+def _targets(repo: Repository, addresses: list[str]) -> list[str]:
+    """The given addresses, then every stored peer's, each once."""
+    targets = list(addresses)
+    for peer in SyncState(repo.db).peers():
+        if peer.address not in targets:
+            targets.append(peer.address)
+    return targets
+
+
+async def fetch(
+    repo: Repository,
+    rev: str,
+    paths: list[bytes],
+    addresses: list[str],
+    listen: list[str],
+    *,
+    seed: bool = False,
+    peer_exchange: bool = True,
+    progress: Progress = NULL_PROGRESS,
+    on_done: Callable[[object], None] | None = None,
+):
+    """Fetch `rev` from every reachable peer while serving what arrives; with `seed`, keep serving after."""
+    from p2pvc.node import fetch as fetching
+
+    targets = _targets(repo, addresses)
+    if not targets:
+        raise UserError("no peers to fetch from", hint="pass --peer ADDRESS, or add one with p2pvc peer add ADDRESS")
+    async with running_node([repo], listen, progress=progress) as node:
+        node.pulls_enabled = False  # serve while fetching, but let only this fetch write
+        report = await fetching.fetch(node, repo, rev, paths, targets, progress=progress, peer_exchange=peer_exchange)
+        if on_done is not None:
+            on_done(report)
+        if seed:
+            log.info("fetch done; seeding %s until stopped", repo.id.hex()[:12])
+            await _until_signal()
+    return report
+
+
+async def whereis(repo: Repository, ids: list[bytes], addresses: list[str]):
+    """Ask every reachable peer which of `ids` (commits, manifests) it holds.
+
+    Returns (answers per peer id, unreachable (address, reason) pairs).
+    """
+    from p2pvc.node.streams import StreamClosed
+    from p2pvc.node.transport import open_node_host
+    from p2pvc.protocol.messages import ProtocolViolation
+
+    answers: dict[str, tuple] = {}
+    unreachable: list[tuple[str, str]] = []
+    async with open_node_host(repo.identity.seed, ["/ip4/127.0.0.1/tcp/0"]) as host:
+        from p2pvc.node.client import PeerClient
+
+        for address in _targets(repo, addresses):
+            try:
+                peer_id = await host.connect(address)
+                client = PeerClient(host.open_frame_stream, peer_id, repo.id)
+                have: list = []
+                for start in range(0, len(ids), 256):
+                    have.extend((await client.have(ids[start : start + 256], [])).have)
+                answers[peer_id] = tuple(have)
+            except P2pvcError as exc:
+                unreachable.append((address, exc.message))
+            except (StreamClosed, ProtocolViolation) as exc:  # report the peer, ask the others
+                unreachable.append((address, f"bad answer: {exc}"))
+    return answers, unreachable
 
 
 @dataclass
@@ -81,8 +158,7 @@ class SyncResult:
 
 async def sync(repo: Repository, addresses: list[str], *, progress: Progress = NULL_PROGRESS) -> SyncResult:
     """Exchange with each address (or every known peer); an unreachable peer does not stop the others."""
-    state = SyncState(repo.db)
-    targets = addresses or [p.address for p in state.peers()]
+    targets = addresses or [p.address for p in SyncState(repo.db).peers()]
     if not targets:
         raise UserError("no peers to sync with", hint="add one with: p2pvc peer add ADDRESS, or pass it to p2pvc sync")
     result = SyncResult()

@@ -8,12 +8,16 @@ node shows can be fetched from it in full.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from p2pvc.errors import P2pvcError, PeerError
+from p2pvc.objects import model
 from p2pvc.protocol import messages as m
 from p2pvc.repo import Repository
+from p2pvc.sync.availability import LocalAvailability, encode_have
 from p2pvc.sync.heads import local_digests
+from p2pvc.sync.state import SyncState
 from p2pvc.node.streams import FrameStream, StreamClosed
 
 log = logging.getLogger(__name__)
@@ -21,12 +25,18 @@ log = logging.getLogger(__name__)
 # Called with (repository, announcing peer, announced records); returns when handled.
 AnnounceHandler = Callable[[Repository, str, tuple[bytes, ...]], Awaitable[None]]
 
+PARTIAL_HAVE_TTL_S = 2.0  # how long the availability of a partly stored manifest is reused
+HAVE_RESPONSE_BITMAP_BYTES = m.MAX_FRAME // 2  # bitmaps past this are answered HAVE_NONE
+
 
 class RepoServer:
     def __init__(self, repos: dict[bytes, Repository], on_announce: AnnounceHandler | None = None) -> None:
         self.repos = repos
         self.on_announce = on_announce
         self.requests_served = 0
+        self.availability = {rid: LocalAvailability() for rid in repos}
+        self._full: dict[bytes, set[bytes]] = {rid: set() for rid in repos}  # manifests known fully stored
+        self._partial: dict[bytes, tuple[float, m.Have]] = {}  # manifest id -> (when computed, availability)
 
     async def handle(self, stream: FrameStream) -> None:
         """Serve one request. A protocol violation closes the stream with a logged reason."""
@@ -74,6 +84,8 @@ class RepoServer:
             await self._send_updates(stream, repo, list(request.names))
         elif isinstance(request, m.ObjectsRequest):
             await self._send_objects(stream, repo, request.ids)
+        elif isinstance(request, m.HaveRequest):
+            await stream.send(self._have(repo, stream.peer_id, request))
         elif isinstance(request, m.Announce):
             if self.on_announce is not None:
                 await self.on_announce(repo, stream.peer_id, request.records)
@@ -98,20 +110,71 @@ class RepoServer:
             await stream.send(m.UpdatesResponse(tuple(batch)))
         await stream.send(m.End(()))
 
+    def _have(self, repo: Repository, peer: str, request: m.HaveRequest) -> m.HaveResponse:
+        """Answer which asked commits are complete here and which chunks of each asked manifest are held."""
+        now = time.monotonic()
+        availability = self.availability[repo.id]
+        availability.note_member(peer, request.listen, now)
+        state = SyncState(repo.db)
+        answers: list[m.Have] = []
+        budget = HAVE_RESPONSE_BITMAP_BYTES
+        for oid in request.ids:
+            have = availability.have(oid)
+            if have is None:
+                have = self._stored_have(repo, state, oid, now)
+            if isinstance(have, bytes):
+                if len(have) > budget:
+                    have = m.HAVE_NONE  # "do not ask me": safe, only less helpful
+                else:
+                    budget -= len(have)
+            answers.append(have)
+        return m.HaveResponse(tuple(answers), availability.members(peer, now))
+
+    def _stored_have(self, repo: Repository, state: SyncState, oid: bytes, now: float) -> m.Have:
+        full = self._full[repo.id]
+        if oid in full:
+            return m.HAVE_ALL
+        cached = self._partial.get(oid)
+        if cached is not None and now - cached[0] < PARTIAL_HAVE_TTL_S:
+            return cached[1]
+        entry = repo.store.entry(oid)
+        if entry is None:
+            return m.HAVE_NONE
+        if entry.kind == model.KIND_COMMIT:
+            return m.HAVE_ALL if state.is_complete(oid) else m.HAVE_NONE
+        if entry.kind != model.KIND_MANIFEST:
+            return m.HAVE_NONE
+        manifest = repo.store.get_object(oid, model.KIND_MANIFEST)
+        assert isinstance(manifest, model.Manifest)
+        ids = [c.id for c in manifest.chunks]
+        stored = repo.store.has_many(ids)
+        fresh = self.availability[repo.id].fresh
+        have = encode_have([cid in stored or cid in fresh for cid in ids])
+        if have is m.HAVE_ALL:
+            full.add(oid)
+        else:
+            self._partial[oid] = (now, have)
+        return have
+
     async def _send_objects(self, stream: FrameStream, repo: Repository, ids: tuple[bytes, ...]) -> None:
         missing = []
+        fresh = self.availability[repo.id].fresh
         for oid in ids:
             found = repo.store.read_stored(oid)
-            if found is None:
+            if found is not None:
+                entry, stored = found
+                kind, codec, raw_size = entry.kind, entry.codec, entry.raw_size
+            elif oid in fresh:
+                # Verified by a fetch running here and appended, but not durable yet.
+                record = fresh[oid]
+                kind, codec, raw_size, stored = record.kind, record.codec, record.raw_size, record.stored
+            else:
                 missing.append(oid)
                 continue
-            entry, stored = found
             offset = 0
             while True:
                 part = stored[offset : offset + m.OBJECT_PART_BYTES]
-                await stream.send(
-                    m.ObjectPart(oid, entry.kind, entry.codec, entry.raw_size, len(stored), offset, part)
-                )
+                await stream.send(m.ObjectPart(oid, kind, codec, raw_size, len(stored), offset, part))
                 offset += len(part)
                 if offset >= len(stored):
                     break

@@ -60,6 +60,7 @@ class Node:
         self.host = host
         self.repos = {repo.id: _RepoState(repo) for repo in repos}
         self.progress = progress
+        self.pulls_enabled = True  # False: serve only (a seed, or while a fetch writes)
         self.server = RepoServer({rid: s.repo for rid, s in self.repos.items()}, self._on_announce)
         for state in self.repos.values():
             state.known = _record_ids(state.repo)
@@ -116,7 +117,7 @@ class Node:
         """Handle an announcement: pull from the announcer if anything is new."""
         state = self.repos[repo.id]
         new = [r for r in records if _record_id(r) not in state.known]
-        if not new:
+        if not new or not self.pulls_enabled:
             return
         log.info("peer %s announced %d new record(s)", peer_id, len(new))
         report = await self.exchange(peer_id, repo, push=False)

@@ -18,7 +18,7 @@ from p2pvc.worktree.ingest import Ingester
 from p2pvc.worktree.scan import ScanResult, scan
 from p2pvc.worktree.snapshot import Capture, bytes_to_read, capture
 from p2pvc.worktree.statcache import StatCache
-from p2pvc.worktree.trees import FlatTree, build, flatten
+from p2pvc.worktree.trees import FlatTree, build, flatten, select_paths
 
 
 def head_tree(repo: Repository) -> tuple[str | None, bytes | None, FlatTree]:
@@ -245,6 +245,29 @@ def restore(repo: Repository, paths: list[str], source: str = "HEAD", progress: 
         the_plan.removals = []
         applied = apply_plan(repo, the_plan, progress)
     return applied
+
+
+def export(
+    repo: Repository, commit_id: bytes, paths: list[bytes], dest: "os.PathLike[str]", progress: Progress = NULL_PROGRESS
+) -> co.ApplyResult:
+    """Write the files of a commit (only `paths`, when given) into `dest`, outside the working tree.
+
+    Files already in `dest` under the same names are replaced; nothing else there is touched.
+    Each file is verified as in a checkout.
+    """
+    from pathlib import Path
+
+    dest = Path(dest)
+    if dest.resolve() == Path(repo.worktree).resolve():
+        raise UserError("the folder to check out into is this repository's working tree", hint="use p2pvc checkout")
+    target = state_of(select_paths(commit_tree(repo, commit_id), paths))
+    dest.mkdir(parents=True, exist_ok=True)
+    the_plan = co.plan({}, {}, target, force=True)
+    progress.start("writing", the_plan.write_bytes)
+    try:
+        return co.apply(dest, the_plan, repo.store, None, progress.advance)
+    finally:
+        progress.finish()
 
 
 def apply_plan(repo: Repository, the_plan: co.Plan, progress: Progress = NULL_PROGRESS) -> co.ApplyResult:

@@ -30,6 +30,10 @@ MAX_REF_NAMES = 4096
 MAX_OBJECT_BYTES = 256 * 1024 * 1024  # as p2pvc.objects.model.MAX_OBJECT_BYTES
 OBJECT_PART_BYTES = 1024 * 1024  # objects larger than this are sent in parts
 MAX_MESSAGE_TEXT = 1024
+MAX_HAVE_IDS = 1024  # commits and manifests asked about in one availability request
+MAX_SWARM_PEERS = 32  # other swarm members listed in one availability response
+MAX_ADDRESSES = 8  # listen addresses per peer
+MAX_ADDRESS_CHARS = 256
 
 # Message types
 REQ_REPOSITORY = 1
@@ -37,12 +41,14 @@ REQ_HEADS = 2
 REQ_UPDATES = 3
 REQ_OBJECTS = 4
 ANNOUNCE = 5
+REQ_HAVE = 6
 RESP_REPOSITORY = 17
 RESP_HEADS = 18
 RESP_UPDATES = 19
 RESP_OBJECT = 20
 RESP_END = 21
 RESP_ACK = 22
+RESP_HAVE = 23
 RESP_ERROR = 31
 
 # Error codes in RESP_ERROR
@@ -84,6 +90,38 @@ class ObjectsRequest:
 class Announce:
     repo: bytes
     records: tuple[bytes, ...]  # signed ref updates and membership records
+
+
+@dataclass(frozen=True, slots=True)
+class HaveRequest:
+    """Which of these commits and manifests does the responder hold?
+
+    `listen` holds the requester's own listen addresses when it serves what it
+    fetches (a swarm member), so the responder can tell other fetchers about it.
+    """
+
+    repo: bytes
+    ids: tuple[bytes, ...]
+    listen: tuple[str, ...]
+
+
+# Availability of one asked id: HAVE_ALL, HAVE_NONE, or a bitmap over a manifest's chunk list
+# (bit i, counted from the most significant bit of byte 0, set when chunk i is held).
+HAVE_NONE = False
+HAVE_ALL = True
+Have = bool | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmPeer:
+    peer_id: str
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HaveResponse:
+    have: tuple[Have, ...]  # one per asked id, in order
+    peers: tuple[SwarmPeer, ...]  # other members of this repository's swarm that the responder knows
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +174,8 @@ Message = (
     | UpdatesRequest
     | ObjectsRequest
     | Announce
+    | HaveRequest
+    | HaveResponse
     | RepositoryResponse
     | HeadsResponse
     | UpdatesResponse
@@ -157,6 +197,10 @@ def encode(message: Message) -> bytes:
         value = [REQ_OBJECTS, PROTOCOL_VERSION, message.repo, list(message.ids)]
     elif isinstance(message, Announce):
         value = [ANNOUNCE, PROTOCOL_VERSION, message.repo, list(message.records)]
+    elif isinstance(message, HaveRequest):
+        value = [REQ_HAVE, PROTOCOL_VERSION, message.repo, list(message.ids), list(message.listen)]
+    elif isinstance(message, HaveResponse):
+        value = [RESP_HAVE, list(message.have), [[p.peer_id, list(p.addresses)] for p in message.peers]]
     elif isinstance(message, RepositoryResponse):
         value = [RESP_REPOSITORY, list(message.records)]
     elif isinstance(message, HeadsResponse):
@@ -271,6 +315,33 @@ def _parse_announce(fields: list) -> Announce:
     return Announce(_id(repo, "repository id"), _records(records, "announce"))
 
 
+def _addresses(value: object, what: str) -> tuple[str, ...]:
+    _require(isinstance(value, list) and len(value) <= MAX_ADDRESSES, f"{what} must be a list of at most {MAX_ADDRESSES} addresses")
+    assert isinstance(value, list)
+    for address in value:
+        _require(isinstance(address, str) and 0 < len(address) <= MAX_ADDRESS_CHARS, f"invalid address in {what}")
+    return tuple(value)
+
+
+def _parse_have_request(fields: list) -> HaveRequest:
+    repo, ids, listen = _request_fields(fields, 3, "have request")
+    _require(isinstance(ids, list) and len(ids) <= MAX_HAVE_IDS, f"have request must ask about at most {MAX_HAVE_IDS} ids")
+    return HaveRequest(_id(repo, "repository id"), _ids(ids, "asked ids"), _addresses(listen, "listen addresses"))
+
+
+def _parse_have_response(fields: list) -> HaveResponse:
+    have, peers = _fields(fields, 2, "have response")
+    _require(isinstance(have, list) and len(have) <= MAX_HAVE_IDS, "availability must be a short list")
+    for item in have:
+        _require(isinstance(item, (bool, bytes)), "availability must be true, false or a bitmap")
+    _require(isinstance(peers, list) and len(peers) <= MAX_SWARM_PEERS, "swarm peers must be a short list")
+    swarm = []
+    for peer in peers:
+        _require(isinstance(peer, list) and len(peer) == 2 and isinstance(peer[0], str) and 0 < len(peer[0]) <= 128, "swarm peer must be [peer id, addresses]")
+        swarm.append(SwarmPeer(peer[0], _addresses(peer[1], "swarm peer addresses")))
+    return HaveResponse(tuple(have), tuple(swarm))
+
+
 def _parse_repository_response(fields: list) -> RepositoryResponse:
     (records,) = _fields(fields, 1, "repository response")
     return RepositoryResponse(_records(records, "repository response"))
@@ -330,6 +401,8 @@ _PARSERS = {
     REQ_UPDATES: _parse_updates_request,
     REQ_OBJECTS: _parse_objects_request,
     ANNOUNCE: _parse_announce,
+    REQ_HAVE: _parse_have_request,
+    RESP_HAVE: _parse_have_response,
     RESP_REPOSITORY: _parse_repository_response,
     RESP_HEADS: _parse_heads_response,
     RESP_UPDATES: _parse_updates_response,

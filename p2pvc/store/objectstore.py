@@ -76,6 +76,16 @@ class ObjectStore:
     def has(self, oid: bytes) -> bool:
         return self._conn().execute("SELECT 1 FROM objects WHERE id = ?", (oid,)).fetchone() is not None
 
+    def has_many(self, ids: list[bytes]) -> set[bytes]:
+        """Return the subset of `ids` in the index, with one query per 500 ids."""
+        found: set[bytes] = set()
+        conn = self._conn()
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            marks = ",".join("?" * len(part))
+            found.update(bytes(r[0]) for r in conn.execute(f"SELECT id FROM objects WHERE id IN ({marks})", part))
+        return found
+
     def missing(self, ids: Iterable[bytes]) -> list[bytes]:
         return [oid for oid in ids if not self.has(oid)]
 
@@ -186,15 +196,15 @@ class WriteSession:
     def has(self, oid: bytes) -> bool:
         return oid in self._pending or self.store.has(oid)
 
+    @property
+    def pending_records(self) -> int:
+        """Records appended but not yet durable and visible; 0 right after a commit."""
+        return len(self._pending)
+
     def has_many(self, ids: list[bytes]) -> set[bytes]:
         """Return the subset of `ids` that is stored or pending, with one query per 500 ids."""
         found = {oid for oid in ids if oid in self._pending}
-        rest = [oid for oid in ids if oid not in found]
-        conn = self.store._conn()
-        for i in range(0, len(rest), 500):
-            part = rest[i : i + 500]
-            marks = ",".join("?" * len(part))
-            found.update(bytes(r[0]) for r in conn.execute(f"SELECT id FROM objects WHERE id IN ({marks})", part))
+        found.update(self.store.has_many([oid for oid in ids if oid not in found]))
         return found
 
     def put_chunk(self, data: bytes | memoryview, cid: bytes | None = None) -> tuple[bytes, bool]:

@@ -55,3 +55,10 @@ def build(flat: dict[bytes, tuple[int, bool, bytes, int]], put_tree: Callable[[T
         entries.sort(key=lambda e: e.name)
         resolved[folder] = (put_tree(Tree(tuple(entries))), total)
     return resolved[b""][0]
+
+
+def select_paths(flat: FlatTree, paths: list[bytes]) -> FlatTree:
+    """The entries of `flat` at or below any of `paths` (all of them when `paths` is empty)."""
+    if not paths:
+        return flat
+    return {path: entry for path, entry in flat.items() if any(path == p or path.startswith(p + b"/") for p in paths)}
