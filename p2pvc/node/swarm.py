@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 HAVE_INTERVAL_S = 1.0  # how often each peer is asked what it holds
 STALL_TIMEOUT_S = 15.0  # a request that delivers nothing this long is abandoned and its peer dropped
-NO_PROGRESS_TIMEOUT_S = 60.0  # the fetch fails when nothing arrives and nothing is asked for this long
+UNAVAILABLE_GRACE_S = 10.0  # with nothing in flight, how long to wait for a holder of the missing chunks to appear
 MAX_PEERS = 32  # peers one fetch talks to
 HAVE_REQUEST_BITMAP_BYTES = 1024 * 1024  # bitmap bytes one HAVE request may ask for
 
@@ -322,7 +322,12 @@ class SwarmFetch:
             self._done.set()
 
     async def _watch(self, failure: list[BaseException]) -> None:
-        """End the fetch when nothing can arrive any more."""
+        """End the fetch when nothing can arrive any more.
+
+        Nothing in flight means no peer holds a missing chunk: a peer that held one
+        would have room in its window and be asked for it. Holders may still appear
+        (a fetcher that gets them elsewhere, a peer found by exchange), hence the grace.
+        """
         while not self.scheduler.done:
             await trio.sleep(1.0)
             idle = trio.current_time() - self._last_progress
@@ -334,7 +339,7 @@ class SwarmFetch:
                     hint="check that peers holding this revision are running, then run the command again",
                 ))
                 break
-            if idle > NO_PROGRESS_TIMEOUT_S:
+            if idle > UNAVAILABLE_GRACE_S:
                 failure.append(SwarmError(
                     f"no peer holds {len(self.scheduler.unavailable())} of the {len(self.scheduler.wanted)} missing chunk(s)",
                     hint="fetch from a peer that holds the whole revision, then run the command again",
