@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
 
 from p2pvc.errors import P2pvcError, PeerError
 from p2pvc.objects import model
@@ -27,6 +30,10 @@ AnnounceHandler = Callable[[Repository, str, tuple[bytes, ...]], Awaitable[None]
 
 PARTIAL_HAVE_TTL_S = 2.0  # how long the availability of a partly stored manifest is reused
 HAVE_RESPONSE_BITMAP_BYTES = m.MAX_FRAME // 2  # bitmaps past this are answered HAVE_NONE
+# Object requests served at once: per peer, so many downloaders share the uplink fairly, and in
+# all, so memory stays bounded (each holds one record plus a write batch of about 1 MiB).
+OBJECT_REQUESTS_PER_PEER = 16
+OBJECT_REQUESTS_TOTAL = 64
 
 
 class RepoServer:
@@ -37,6 +44,8 @@ class RepoServer:
         self.availability = {rid: LocalAvailability() for rid in repos}
         self._full: dict[bytes, set[bytes]] = {rid: set() for rid in repos}  # manifests known fully stored
         self._partial: dict[bytes, tuple[float, m.Have]] = {}  # manifest id -> (when computed, availability)
+        self._all_slots = trio.Semaphore(OBJECT_REQUESTS_TOTAL)
+        self._peer_slots: dict[str, tuple[trio.Semaphore, int]] = {}  # peer id -> (slots, requests using them)
 
     async def handle(self, stream: FrameStream) -> None:
         """Serve one request. A protocol violation closes the stream with a logged reason."""
@@ -83,7 +92,8 @@ class RepoServer:
         elif isinstance(request, m.UpdatesRequest):
             await self._send_updates(stream, repo, list(request.names))
         elif isinstance(request, m.ObjectsRequest):
-            await self._send_objects(stream, repo, request.ids)
+            async with self._object_slot(stream.peer_id):
+                await self._send_objects(stream, repo, request.ids)
         elif isinstance(request, m.HaveRequest):
             await stream.send(self._have(repo, stream.peer_id, request))
         elif isinstance(request, m.Announce):
@@ -109,6 +119,23 @@ class RepoServer:
         if batch:
             await stream.send(m.UpdatesResponse(tuple(batch)))
         await stream.send(m.End(()))
+
+    @asynccontextmanager
+    async def _object_slot(self, peer: str) -> AsyncIterator[None]:
+        """Wait for a free slot of this peer's and of the node's object requests."""
+        slots, users = self._peer_slots.get(peer, (None, 0))
+        if slots is None:
+            slots = trio.Semaphore(OBJECT_REQUESTS_PER_PEER)
+        self._peer_slots[peer] = (slots, users + 1)
+        try:
+            async with slots, self._all_slots:
+                yield
+        finally:
+            slots, users = self._peer_slots[peer]
+            if users <= 1:
+                del self._peer_slots[peer]
+            else:
+                self._peer_slots[peer] = (slots, users - 1)
 
     def _have(self, repo: Repository, peer: str, request: m.HaveRequest) -> m.HaveResponse:
         """Answer which asked commits are complete here and which chunks of each asked manifest are held."""
@@ -153,6 +180,8 @@ class RepoServer:
         if have is m.HAVE_ALL:
             full.add(oid)
         else:
+            if len(self._partial) > 10_000:
+                self._partial.clear()  # bounds memory; entries are only a cache
             self._partial[oid] = (now, have)
         return have
 
