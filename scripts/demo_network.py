@@ -10,6 +10,11 @@ lab-b, and the laptop gets lab-b's branch. The demo then prints each node's
 refs and verifies that all three hold the same refs and byte-identical,
 fsck-clean content.
 
+Last, two GPU nodes seed from the labs: each makes a history-only clone
+and runs `p2pvc fetch main --path all-MiniLM-L6-v2 --checkout DIR` at the
+same moment, taking chunks from both labs and from each other. The demo
+checks that both got the model byte for byte and shows `p2pvc whereis`.
+
 Each node is a separate folder with its own signing key (P2PVC_HOME); the
 serving nodes are separate processes, stopped with SIGTERM at the end. All
 traffic stays on 127.0.0.1.
@@ -71,11 +76,12 @@ class Node:
     def address(self) -> str:
         return f"/ip4/127.0.0.1/tcp/{self.port}/p2p/{self.identity()['peer_id']}"
 
-    def start_serving(self) -> None:
-        print(f"\n[{self.name}] $ p2pvc serve --listen 127.0.0.1 --port {self.port} --anti-entropy 5 &", flush=True)
+    def start_serving(self, *extra: str) -> None:
+        options = ["--listen", "127.0.0.1", "--port", str(self.port), "--anti-entropy", "5", *extra]
+        print(f"\n[{self.name}] $ p2pvc serve {shlex.join(options)} &", flush=True)
         log = open(self.log_path, "w")
         self.server = subprocess.Popen(
-            [sys.executable, "-m", "p2pvc.cli.main", "serve", "--listen", "127.0.0.1", "--port", str(self.port), "--anti-entropy", "5"],
+            [sys.executable, "-m", "p2pvc.cli.main", "serve", *options],
             cwd=self.dir,
             env=self.env,
             stdout=log,
@@ -120,6 +126,48 @@ def wait_for(condition, what: str) -> float:
     raise SystemExit(f"demo failed: {what} did not happen within {CONVERGENCE_TIMEOUT_S} s")
 
 
+def seed_gpus(a: Node, b: Node, gpus: list[Node], root: Path) -> None:
+    """Two GPU nodes fetch the model folder of main at once from both labs and from each other."""
+    print("\n--- two GPU nodes fetch the fine-tuned model at job start ---")
+    a.start_serving("--seed")
+    b.start_serving("--seed")
+    for gpu in gpus:
+        gpu.p2pvc("clone", "--no-content", a.address, str(gpu.dir))
+    command = ["fetch", "main", "--path", "all-MiniLM-L6-v2", "--listen", "127.0.0.1", "--peer", b.address, "--json"]
+    fetches = []
+    for gpu in gpus:
+        target = root / f"{gpu.name}-scratch"
+        print(f"\n[{gpu.name}] $ p2pvc {shlex.join(command)} --checkout {target} &", flush=True)
+        fetches.append(subprocess.Popen(
+            [sys.executable, "-m", "p2pvc.cli.main", *command, "--checkout", str(target)],
+            cwd=gpu.dir, env=gpu.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        ))
+    model_digest = tree_digest(a.dir / "all-MiniLM-L6-v2")
+    for gpu, fetch in zip(gpus, fetches):
+        out, err = fetch.communicate(timeout=600)
+        sys.stderr.write(err)
+        if fetch.returncode != 0:
+            raise SystemExit(f"demo failed: [{gpu.name}] p2pvc fetch exited with {fetch.returncode}")
+        report = json.loads(out)
+        sources = {_short(peer, a, b, gpus): f"{amount / 2**20:.1f} MiB" for peer, amount in report["peers"].items()}
+        print(f"[{gpu.name}] fetched {report['raw_bytes_fetched'] / 2**20:.1f} MiB in {report['seconds']:.1f} s from {sources}")
+        if tree_digest(root / f"{gpu.name}-scratch" / "all-MiniLM-L6-v2") != model_digest:
+            raise SystemExit(f"demo failed: [{gpu.name}] the fetched model differs from lab-a's")
+    gpus[0].p2pvc("whereis", "main", "--peer", a.address, "--peer", b.address)
+    a.stop_serving()
+    b.stop_serving()
+    print("\nVerified: both GPU nodes hold the model byte for byte (SHA-256 of every file).")
+
+
+def _short(peer_id: str, *nodes) -> str:
+    """Return the name of the node with this peer id, for the demo's output."""
+    flat = [n for item in nodes for n in (item if isinstance(item, list) else [item])]
+    for node in flat:
+        if node.dir.exists() and node.identity()["peer_id"] == peer_id:
+            return node.name
+    return peer_id[-8:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="folder for the three nodes (default: a new temporary folder)")
@@ -128,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="p2pvc-net-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     a, b, c = Node("lab-a", root), Node("lab-b", root), Node("laptop-c", root)
+    gpus = [Node("gpu-1", root), Node("gpu-2", root)]
     try:
         model_src = real_inputs.cached("model")
         code_src = real_inputs.cached("code")
@@ -182,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("demo failed: the checked-out trees differ between nodes")
         print(f"\nVerified: 3 nodes, same refs {sorted(target)}, main checked out byte-identical "
               f"({len(digests['lab-a'])} files, SHA-256), fsck clean everywhere.")
+
+        seed_gpus(a, b, gpus, root)
     finally:
-        for node in (a, b, c):
+        for node in (a, b, c, *gpus):
             node.stop_serving()
         if args.keep:
             print(f"\nKept the work folder: {root}")

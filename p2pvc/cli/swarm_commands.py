@@ -202,42 +202,45 @@ def whereis(
     flat = select_paths(flatten(repo.read_tree, repo.read_commit(commit_id).commit.tree), paths)
     if paths and not flat:
         raise UserError(f"{target} is neither a revision nor a path in {rev}")
-    manifests = {e.target: repo.read_manifest(e.target) for e in flat.values() if e.kind == model.ENTRY_FILE}
-    sizes = {e.target: e.size for e in flat.values() if e.kind == model.ENTRY_FILE}
-    total = sum(e.size for e in flat.values() if e.kind == model.ENTRY_FILE)
+    files = [e for e in flat.values() if e.kind == model.ENTRY_FILE]  # identical files share a manifest
+    manifests = {e.target: repo.read_manifest(e.target) for e in files}
+    total = sum(e.size for e in files)
     ids = [commit_id] + list(manifests)
     answers, unreachable = trio.run(lambda: runner.whereis(repo, ids, list(peers or [])))
 
-    def held_bytes(have_by_id: dict) -> int:
-        held = 0
+    def held_bytes(held_by_manifest: dict[bytes, int]) -> int:
+        return sum(held_by_manifest.get(e.target, 0) for e in files)
+
+    def remote_held(have_by_id: dict) -> dict[bytes, int]:
+        held = {}
         for mid, manifest in manifests.items():
-            have = have_by_id.get(mid, False)
             try:
-                indices = held_indices(have, len(manifest.chunks))
+                indices = held_indices(have_by_id.get(mid, False), len(manifest.chunks))
             except ValueError:
-                continue
-            held += sizes[mid] if len(indices) == len(manifest.chunks) else sum(manifest.chunks[i].size for i in indices)
+                continue  # a malformed bitmap counts as nothing held
+            held[mid] = sum(manifest.chunks[i].size for i in indices)
         return held
 
     stored = repo.store.has_many([c.id for m in manifests.values() for c in m.chunks])
-    local = sum(c.size for m in manifests.values() for c in m.chunks if c.id in stored)
-    rows = [{"peer": "this node", "complete": local == total, "bytes": local}]
+    local = {mid: sum(c.size for c in m.chunks if c.id in stored) for mid, m in manifests.items()}
+    rows = [{"peer": "this node", "bytes": held_bytes(local)}]
     for peer, have in answers.items():
-        have_by_id = dict(zip(ids, have))
-        rows.append({"peer": peer, "complete": held_bytes(have_by_id) == total, "bytes": held_bytes(have_by_id)})
+        rows.append({"peer": peer, "bytes": held_bytes(remote_held(dict(zip(ids, have))))})
+    for row in rows:
+        row["complete"] = row["bytes"] == total
     if as_json:
         output.emit_json(
             {
                 "target": target,
                 "commit": commit_id.hex(),
-                "files": len(manifests),
+                "files": len(files),
                 "bytes": total,
                 "peers": rows,
                 "unreachable": [{"address": a, "reason": r} for a, r in unreachable],
             }
         )
         return
-    typer.echo(f"{label}: {len(manifests)} file(s), {output.human_bytes(total)}")
+    typer.echo(f"{label}: {len(files)} file(s), {output.human_bytes(total)}")
     for row in rows:
         share = 100.0 * row["bytes"] / total if total else 100.0
         state = "all" if row["complete"] else f"{share:.0f}%"
