@@ -74,8 +74,6 @@ def fetch(
     the command a GPU node runs at job start, typically in a history-only clone
     (p2pvc clone --no-content). An interrupted fetch resumes where it stopped.
     """
-    import logging
-
     import trio
 
     from p2pvc.node import runner
@@ -92,15 +90,22 @@ def fetch(
 
     def done(report) -> None:
         elapsed = time.monotonic() - started
+        applied = None
+        if checkout_dir is not None:
+            applied = export(repo, report.commit, tree_paths, Path(main._user_path(checkout_dir)), progress)
         if as_json:
-            output.emit_json(_fetch_json(report, elapsed))
+            value = _fetch_json(report, elapsed)
+            value["checkout"] = None if applied is None else {"folder": str(checkout_dir), "files": applied.files_written}
+            output.emit_json(value)
             sys.stdout.flush()
         else:
             _print_fetch(report, rev, elapsed)
+            if applied is not None:
+                typer.echo(f"Checked out {applied.files_written} file(s) into {checkout_dir}")
         if seed:
             typer.echo("Seeding until Ctrl-C or SIGTERM", err=True)
 
-    report = trio.run(
+    trio.run(
         lambda: runner.fetch(
             repo,
             rev,
@@ -110,15 +115,9 @@ def fetch(
             seed=seed,
             peer_exchange=peer_exchange,
             progress=progress,
-            on_done=None if checkout_dir else done,
+            on_done=done,
         )
     )
-    logging.getLogger(__name__).debug("fetch finished")
-    if checkout_dir is not None:
-        applied = export(repo, report.commit, tree_paths, Path(main._user_path(checkout_dir)), progress)
-        done(report)
-        if not as_json:
-            typer.echo(f"Checked out {applied.files_written} file(s) into {checkout_dir}")
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -33,6 +33,13 @@ against), and why:
   on the same port, and the kernel would split inbound connections between
   the two. `_disable_tcp_port_sharing` leaves only SO_REUSEADDR, so the
   second node fails to start instead.
+- Writes: `Yamux._write_frame` encrypts a frame (one Noise nonce per
+  message) and then sends it. A cancellation that lands in between, as
+  when a caller abandons a request, leaves the peer one message short, so
+  it fails to decrypt everything after and drops the whole connection.
+  `_make_frame_writes_whole` shields each write from outside cancellation
+  and bounds it by FRAME_WRITE_TIMEOUT instead; a write that times out
+  closes the connection, which can no longer be used.
 - Logging: see `configure_libp2p_logging`.
 
 Inbound-slot leak: theory of operation
@@ -83,6 +90,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.basic_host import BasicHost
 from libp2p.io.abc import ReadWriteCloser
+from libp2p.io.exceptions import IOException
 from libp2p.metrics.swarm import SwarmEvent
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
@@ -197,6 +205,32 @@ def _disable_tcp_port_sharing() -> None:
             "the SO_REUSEPORT workaround in p2pvc/net/host.py must be revised"
         )
     tcp_module._set_reuse_flags = _set_reuse_address
+
+
+FRAME_WRITE_TIMEOUT = 60.0  # seconds one muxer frame may take to send before the connection is closed
+
+
+async def _write_whole_frame(self: Yamux, data: bytes) -> None:
+    """Send one Yamux frame completely or close the connection: never half a frame."""
+    async with self._write_lock:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + FRAME_WRITE_TIMEOUT
+            await self.secured_conn.write(data)
+        if scope.cancelled_caught:
+            with trio.move_on_after(1.0) as closing:
+                closing.shield = True
+                await self.secured_conn.close()
+            raise IOException(f"sending a frame took over {FRAME_WRITE_TIMEOUT:g} s; the connection is closed")
+
+
+def _make_frame_writes_whole() -> None:
+    """Replace `Yamux._write_frame` in this whole process (see the module docstring)."""
+    if not hasattr(Yamux, "_write_frame"):
+        raise RuntimeError(
+            f"py-libp2p {libp2p.__version__} has no Yamux._write_frame; "
+            "the write workaround in p2pvc/net/host.py must be revised"
+        )
+    Yamux._write_frame = _write_whole_frame
 
 
 def key_pair_from_seed(seed: bytes) -> KeyPair:
@@ -565,6 +599,7 @@ async def open_host(
     """
     configure_libp2p_logging()
     _disable_tcp_port_sharing()
+    _make_frame_writes_whole()
     listen_addrs = [_parse_listen_address(address) for address in listen or []]
     libp2p_host = _build_libp2p_host(key_pair_from_seed(seed), max_connections)
     host = Host(libp2p_host, release_inbound_slots=release_inbound_slots)

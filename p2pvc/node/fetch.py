@@ -68,12 +68,17 @@ async def fetch(
 ) -> FetchReport:
     """Fetch the content of `rev` (only `paths`, when given) from every reachable peer."""
     peers: list[str] = []
+    reached: dict[str, str] = {}  # peer id -> address
     unreachable: list[tuple[str, str]] = []
     for address in addresses:
         try:
-            peers.append(await node.host.connect(address))
+            peer = await node.host.connect(address)
         except P2pvcError as exc:
             unreachable.append((address, exc.message))
+            continue
+        if peer not in reached:
+            peers.append(peer)
+            reached[peer] = address
     if not peers:
         detail = "; ".join(f"{a}: {r}" for a, r in unreachable) or "no peers are known"
         raise PeerError(
@@ -117,7 +122,7 @@ async def fetch(
         with repo.store.session(SYNC_COMMIT_BYTES) as session:
             swarm = SwarmFetch(node, repo, session, manifests, progress=progress, peer_exchange=peer_exchange)
             try:
-                await swarm.run(peers)
+                await swarm.run(peers, reached)
             finally:
                 # Everything appended was verified first, so keep it even when the fetch failed:
                 # a rerun then fetches only the rest.

@@ -104,7 +104,10 @@ async def fetch(
     progress: Progress = NULL_PROGRESS,
     on_done: Callable[[object], None] | None = None,
 ):
-    """Fetch `rev` from every reachable peer while serving what arrives; with `seed`, keep serving after."""
+    """Fetch `rev` from every reachable peer while serving what arrives; with `seed`, keep serving after.
+
+    `on_done` runs on a worker thread once the content is stored, before the seeding.
+    """
     from p2pvc.node import fetch as fetching
 
     targets = _targets(repo, addresses)
@@ -114,7 +117,8 @@ async def fetch(
         node.pulls_enabled = False  # serve while fetching, but let only this fetch write
         report = await fetching.fetch(node, repo, rev, paths, targets, progress=progress, peer_exchange=peer_exchange)
         if on_done is not None:
-            on_done(report)
+            # On a worker thread, so the node keeps serving while it runs (a checkout, say).
+            await trio.to_thread.run_sync(on_done, report)
         if seed:
             log.info("fetch done; seeding %s until stopped", repo.id.hex()[:12])
             await _until_signal()

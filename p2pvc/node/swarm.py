@@ -46,6 +46,7 @@ HAVE_INTERVAL_S = 1.0  # how often each peer is asked what it holds
 STALL_TIMEOUT_S = 15.0  # a request that delivers nothing this long is abandoned and its peer dropped
 UNAVAILABLE_GRACE_S = 10.0  # with nothing in flight, how long to wait for a holder of the missing chunks to appear
 MAX_PEERS = 32  # peers one fetch talks to
+REDIAL_DELAYS_S = (1.0, 3.0, 9.0)  # waits before each redial of a dropped (not banned) peer
 HAVE_REQUEST_BITMAP_BYTES = 1024 * 1024  # bitmap bytes one HAVE request may ask for
 
 
@@ -117,6 +118,9 @@ class SwarmFetch:
         self._requests: dict[int, trio.CancelScope] = {}
         self._cancelled: set[int] = set()  # requests cancelled as redundant, not stalled
         self._dialing: set[str] = set()
+        self._addresses: dict[str, str] = {}  # peer id -> address it was reached at, for redials
+        self._redials: dict[str, int] = {}  # peer id -> redials started
+        self._last_have: dict[tuple[str, bytes], m.Have] = {}  # (peer, manifest id) -> last availability
         self._done = trio.Event()
         self._last_progress = 0.0
         self._nursery: trio.Nursery | None = None
@@ -125,8 +129,13 @@ class SwarmFetch:
     def wanted_bytes(self) -> int:
         return self.scheduler.total_bytes
 
-    async def run(self, peers: list[str]) -> SwarmReport:
-        """Fetch every wanted chunk; raise SwarmError if the swarm cannot deliver them all."""
+    async def run(self, peers: list[str], addresses: dict[str, str] | None = None) -> SwarmReport:
+        """Fetch every wanted chunk; raise SwarmError if the swarm cannot deliver them all.
+
+        `addresses` maps peer ids to the address each was reached at, so a peer
+        that drops out (a broken connection, a stall) is dialed again.
+        """
+        self._addresses.update(addresses or {})
         if self.scheduler.done:
             return self.report
         self.progress.start(self._label(), self.scheduler.total_bytes)
@@ -170,11 +179,20 @@ class SwarmFetch:
         if peer not in self._peer_scopes:
             return
         released = self.scheduler.ban(peer) if ban else self.scheduler.remove_peer(peer)
-        (self.report.banned if ban else self.report.dropped).append(peer)
+        for key in [k for k in self._last_have if k[0] == peer]:
+            del self._last_have[key]  # a peer added back reports everything afresh
+        listed = self.report.banned if ban else self.report.dropped
+        if peer not in listed:
+            listed.append(peer)
         if ban:
             log.warning("peer %s is banned from this fetch: %s", peer, reason)
         else:
             log.info("peer %s dropped from this fetch: %s", peer, reason)
+            attempt = self._redials.get(peer, 0)
+            if peer in self._addresses and attempt < len(REDIAL_DELAYS_S) and self._nursery is not None:
+                self._redials[peer] = attempt + 1
+                self._dialing.add(peer)
+                self._nursery.start_soon(self._redial, peer, REDIAL_DELAYS_S[attempt])
         for request in released:
             self._cancel(request.id)
         self._peer_scopes.pop(peer).cancel()
@@ -194,6 +212,20 @@ class SwarmFetch:
         for event in self._wake.values():
             event.set()
 
+    async def _redial(self, peer: str, delay: float) -> None:
+        try:
+            await trio.sleep(delay)
+            try:
+                await self.node.host.connect(self._addresses[peer])
+            except P2pvcError as exc:
+                log.info("redialing peer %s failed: %s", peer, exc.message)
+                return
+            log.info("peer %s is back in this fetch", peer)
+            self._add_peer(peer)
+            self._wake_all()
+        finally:
+            self._dialing.discard(peer)
+
     async def _dial(self, swarm_peer: m.SwarmPeer) -> None:
         try:
             for address in swarm_peer.addresses:
@@ -205,6 +237,7 @@ class SwarmFetch:
                     continue
                 if peer == swarm_peer.peer_id:
                     log.info("joined swarm peer %s at %s", peer, address)
+                    self._addresses[peer] = full
                     self._add_peer(peer)
                 return
         finally:
@@ -228,13 +261,17 @@ class SwarmFetch:
         for batch in _have_batches(incomplete, self._files):
             response = await client.have(batch, listen)
             added = 0
+            now = trio.current_time()
             for mid, have in zip(batch, response.have):
+                if self._last_have.get((peer, mid)) == have:
+                    continue  # unchanged since the last poll: skip decoding it again
+                self._last_have[(peer, mid)] = have
                 chunks = self._files[mid].chunks
                 try:
                     indices = held_indices(have, len(chunks))
                 except ValueError as exc:
                     raise m.ProtocolViolation(str(exc)) from exc
-                added += self.scheduler.update_have(peer, (chunks[i] for i in indices))
+                added += self.scheduler.update_have(peer, (chunks[i] for i in indices), now)
             if added:
                 self._wake_peer(peer)
             if self.peer_exchange:

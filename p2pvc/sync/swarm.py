@@ -34,6 +34,7 @@ MAX_WINDOW_BYTES = 32 * 1024 * 1024
 WINDOW_S = 1.0  # a window holds this many seconds of a peer's measured rate
 RATE_SAMPLE_S = 0.5  # the rate estimate is updated at most this often
 ENDGAME_COPIES = 2  # requests in flight for one chunk during the endgame
+REORDER_S = 2.0  # a peer's candidate order is re-sorted by rarity at most this often
 
 
 @dataclass
@@ -56,6 +57,7 @@ class _Peer:
     received_bytes: int = 0
     order: list[bytes] | None = None  # candidate chunks by (holders, rank); None when stale
     cursor: int = 0  # order[:cursor] has all arrived
+    sorted_at: float = 0.0
 
 
 class Scheduler:
@@ -88,20 +90,28 @@ class Scheduler:
         self._peers[peer] = _Peer()
         return True
 
-    def update_have(self, peer: str, chunks: Iterable[bytes]) -> int:
-        """Record chunks the peer holds (as it reported them); return how many are new and wanted."""
+    def update_have(self, peer: str, chunks: Iterable[bytes], now: float = 0.0) -> int:
+        """Record chunks the peer holds (as it reported them); return how many are new and wanted.
+
+        Only this peer's candidate order changes. New chunks go to its end until the
+        next re-sort (at most every REORDER_S), because re-sorting every peer on every
+        report costs more than slightly stale rarity does.
+        """
         state = self._peers.get(peer)
         if state is None:
             return 0
-        added = 0
+        new = []
         for cid in chunks:
             if cid in self.wanted and cid not in state.have:
                 state.have.add(cid)
                 self._count_holder(cid, +1)
-                added += 1
-        if added:
-            self._stale()
-        return added
+                new.append(cid)
+        if new:
+            if state.order is not None and now - state.sorted_at < REORDER_S:
+                state.order.extend(new)
+            else:
+                state.order = None
+        return len(new)
 
     def lacks(self, peer: str, chunks: Iterable[bytes]) -> None:
         """The peer answered that it does not have these chunks after all."""
@@ -112,7 +122,7 @@ class Scheduler:
             if cid in state.have:
                 state.have.discard(cid)
                 self._count_holder(cid, -1)
-        self._stale()
+        state.order = None
 
     def remove_peer(self, peer: str) -> list[Request]:
         """Forget a peer that left; return its requests, now released."""
@@ -124,7 +134,6 @@ class Scheduler:
         released = list(state.requests.values())
         for request in released:
             self._release(request)
-        self._stale()
         return released
 
     def ban(self, peer: str) -> list[Request]:
@@ -156,7 +165,7 @@ class Scheduler:
         state = self._peers.get(peer)
         if state is None or state.in_flight_bytes >= self.window(peer):
             return None
-        chunks = self._pick(state)
+        chunks = self._pick(state, now)
         if not chunks and self._in_endgame():
             chunks = self._pick_endgame(peer, state)
         if not chunks:
@@ -260,12 +269,9 @@ class Scheduler:
             state.sample_start = now
             state.sample_bytes = 0
 
-    def _stale(self) -> None:
-        for state in self._peers.values():
-            state.order = None
-
-    def _ordered(self, state: _Peer) -> list[bytes]:
-        if state.order is None:
+    def _ordered(self, state: _Peer, now: float) -> list[bytes]:
+        if state.order is None or (now - state.sorted_at >= REORDER_S and state.cursor < len(state.order)):
+            state.sorted_at = now
             holders, rank = self._holders, self._rank
             candidates = [cid for cid in state.have if cid in self.wanted]
             candidates.sort(key=lambda cid: (holders[cid], rank[cid]))
@@ -273,8 +279,8 @@ class Scheduler:
             state.cursor = 0
         return state.order
 
-    def _pick(self, state: _Peer) -> list[bytes]:
-        order = self._ordered(state)
+    def _pick(self, state: _Peer, now: float) -> list[bytes]:
+        order = self._ordered(state, now)
         wanted, in_flight = self.wanted, self._in_flight
         while state.cursor < len(order) and order[state.cursor] not in wanted:
             state.cursor += 1

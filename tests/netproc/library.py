@@ -19,6 +19,7 @@ from p2pvc.refs.records import RefUpdate
 from p2pvc.repo import Repository
 from p2pvc.store.pack import KIND_CHUNK, RECORD_HEADER
 from p2pvc.sync.state import SyncState
+from p2pvc.worktree.trees import flatten
 
 
 @contextlib.contextmanager
@@ -66,6 +67,38 @@ def flip_chunk_byte(root: Path, home: Path, skip: Collection[bytes] = ()) -> byt
         pack.seek(position)
         pack.write(bytes([byte[0] ^ 0xFF]))
     return entry.id
+
+
+def flip_every_chunk_byte(root: Path, home: Path) -> int:
+    """Flip one byte in the middle of the stored data of every uncompressed chunk, and return how many changed.
+
+    A node serving the result sends a damaged copy of each of those chunks,
+    while its index, commits and manifests stay intact.
+    """
+    with open_repo(root, home) as repo:
+        entries = [e for e in repo.store.iter_entries() if e.kind == KIND_CHUNK and e.codec == CODEC_RAW]
+        packs_dir = repo.store.packs_dir
+    by_pack: dict[str, list] = {}
+    for entry in entries:
+        by_pack.setdefault(entry.pack_name, []).append(entry)
+    for pack_name, pack_entries in by_pack.items():
+        with open(packs_dir / pack_name, "r+b") as pack:
+            for entry in pack_entries:
+                position = entry.offset + RECORD_HEADER.size + entry.stored_size // 2
+                pack.seek(position)
+                byte = pack.read(1)
+                pack.seek(position)
+                pack.write(bytes([byte[0] ^ 0xFF]))
+    return len(entries)
+
+
+def file_chunk_ids(root: Path, home: Path, rev: str, path: str) -> set[bytes]:
+    """Return the ids of the chunks of the file at `path` (relative, with / separators) in revision `rev`."""
+    with open_repo(root, home) as repo:
+        tree = repo.read_commit(repo.resolve(rev)).commit.tree
+        entry = flatten(repo.read_tree, tree)[path.encode()]
+        assert entry.kind == model.ENTRY_FILE, f"{path} is not a file in {rev}"
+        return {chunk.id for chunk in repo.read_manifest(entry.target).chunks}
 
 
 def insert_ref_update(repo: Repository, name: str, target: bytes, *, author: bytes, signer: Identity) -> RefUpdate:

@@ -53,6 +53,26 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def wait_for_pack_bytes(node: Node, started: Started, target: int, timeout: float, interval: float = 0.005) -> int:
+    """Wait until the node's pack files hold `target` bytes while `started` runs, and return their size then.
+
+    Raises AssertionError if the command ends first or `timeout` seconds pass.
+    The short default interval lets a caller act (kill a process) soon after the size is reached.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        size = node.pack_bytes()
+        if size >= target:
+            return size
+        if started.process.poll() is not None:
+            raise AssertionError(
+                f"the command ended with {size} of {target} pack bytes:\n{started.result().describe()}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{node.name} reached {size} of {target} pack bytes within {timeout} s")
+        time.sleep(interval)
+
+
 class ProcessRegistry:
     """The processes one test started, so the test can end each one by pid whatever happens."""
 
@@ -113,6 +133,23 @@ class Started:
         return CliResult(
             self.node, self.args, self.process.returncode, self.stdout_path.read_text(), self.stderr_path.read_text()
         )
+
+    def stop(self) -> float:
+        """Send SIGTERM and return the seconds until the process exited.
+
+        Returns infinity, and kills the process, if it still runs STOP_LIMIT_S +
+        STOP_GRACE_S seconds later. Raises AssertionError if it had already exited.
+        """
+        if self.process.poll() is not None:
+            raise AssertionError(f"process had ended before SIGTERM:\n{self.result().describe()}")
+        started = time.monotonic()
+        os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_LIMIT_S + STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            kill(self.process)
+            return float("inf")
+        return time.monotonic() - started
 
 
 class Node:
@@ -231,11 +268,12 @@ class Node:
 
     # Serving ------------------------------------------------------------------
 
-    def serve(self, port: int | None = None, anti_entropy: float = 3600.0) -> Server:
+    def serve(self, port: int | None = None, anti_entropy: float = 3600.0, seed: bool = False) -> Server:
         """Start `p2pvc serve` on 127.0.0.1 and return once it prints "listening on".
 
         The default anti-entropy interval is long, so the only exchanges are
         the ones the test causes and the first round right after start.
+        With `seed`, the node runs `serve --seed`: it only serves and never pulls.
         """
         port = port if port is not None else free_port()
         self.logs.mkdir(exist_ok=True)
@@ -252,6 +290,7 @@ class Node:
                     str(port),
                     "--anti-entropy",
                     str(anti_entropy),
+                    *(["--seed"] if seed else []),
                 ],
                 cwd=self.root,
                 env=self.env,
