@@ -535,6 +535,9 @@ def serve(
     seed: Annotated[
         bool, typer.Option("--seed", help="Only serve what is stored: never pull, periodically or on announcements.")
     ] = False,
+    upload_limit: Annotated[
+        float, typer.Option(help="Cap what this node sends to peers, in MiB/s (0: no cap).", min=0)
+    ] = 0.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ) -> None:
     """Serve repositories to peers in the foreground until Ctrl-C or SIGTERM."""
@@ -552,7 +555,8 @@ def serve(
 
     trio.run(
         lambda: runner.serve(
-            repos, runner.default_listen(listen, port), anti_entropy_s=anti_entropy, mdns=mdns, seed=seed, on_ready=ready
+            repos, runner.default_listen(listen, port), anti_entropy_s=anti_entropy, mdns=mdns, seed=seed,
+            upload_limit=upload_limit * 2**20 or None, on_ready=ready
         )
     )
 

@@ -33,7 +33,7 @@ def _main():
 
 
 def _tree_path(path: str) -> bytes:
-    """A path inside the repository as given on the command line, in tree form (a/b/c)."""
+    """Return a path inside the repository, as given on the command line, in tree form (a/b/c)."""
     from p2pvc.errors import UserError
 
     parts = [p for p in path.replace(os.sep, "/").split("/") if p not in ("", ".")]
@@ -60,6 +60,9 @@ def fetch(
     seed: Annotated[
         bool, typer.Option("--seed", help="Keep serving after the fetch, until Ctrl-C or SIGTERM.")
     ] = False,
+    upload_limit: Annotated[
+        float, typer.Option(help="Cap what this node sends to other fetchers, in MiB/s (0: no cap).", min=0)
+    ] = 0.0,
     peer_exchange: Annotated[
         bool,
         typer.Option(help="Also fetch from the other fetchers that peers tell about, not only from known peers."),
@@ -114,6 +117,7 @@ def fetch(
             runner.default_listen(listen, port),
             seed=seed,
             peer_exchange=peer_exchange,
+            upload_limit=upload_limit * 2**20 or None,
             progress=progress,
             on_done=done,
         )

@@ -33,13 +33,21 @@ def default_listen(host: str = "0.0.0.0", port: int = DEFAULT_PORT) -> list[str]
 
 @asynccontextmanager
 async def running_node(
-    repos: list[Repository], listen: list[str], *, progress: Progress = NULL_PROGRESS
+    repos: list[Repository],
+    listen: list[str],
+    *,
+    progress: Progress = NULL_PROGRESS,
+    upload_limit: float | None = None,
 ) -> AsyncIterator[Node]:
+    """Run a node serving `repos`; `upload_limit` caps the chunk and object bytes it sends per second."""
+    from p2pvc.node.ratelimit import UploadLimit
     from p2pvc.node.transport import open_node_host
 
     seed = repos[0].identity.seed
     async with open_node_host(seed, listen) as host:
         node = Node(host, repos, progress=progress)
+        if upload_limit:
+            node.server.upload_limit = UploadLimit(upload_limit)
         host.serve(node.server.handle)
         yield node
 
@@ -51,13 +59,14 @@ async def serve(
     anti_entropy_s: float,
     mdns: bool = False,
     seed: bool = False,
+    upload_limit: float | None = None,
     on_ready: Callable[[list[str], str], None] | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM; then stop within STOP_TIMEOUT_S.
 
     With `seed`, only serve: pull nothing, neither periodically nor on announcements.
     """
-    async with running_node(repos, listen) as node:
+    async with running_node(repos, listen, upload_limit=upload_limit) as node:
         if on_ready is not None:
             on_ready(node.host.listen_addresses(), node.host.peer_id)
         for repo in repos:
@@ -101,6 +110,7 @@ async def fetch(
     *,
     seed: bool = False,
     peer_exchange: bool = True,
+    upload_limit: float | None = None,
     progress: Progress = NULL_PROGRESS,
     on_done: Callable[[object], None] | None = None,
 ):
@@ -113,7 +123,7 @@ async def fetch(
     targets = _targets(repo, addresses)
     if not targets:
         raise UserError("no peers to fetch from", hint="pass --peer ADDRESS, or add one with p2pvc peer add ADDRESS")
-    async with running_node([repo], listen, progress=progress) as node:
+    async with running_node([repo], listen, progress=progress, upload_limit=upload_limit) as node:
         node.pulls_enabled = False  # serve while fetching, but let only this fetch write
         report = await fetching.fetch(node, repo, rev, paths, targets, progress=progress, peer_exchange=peer_exchange)
         if on_done is not None:

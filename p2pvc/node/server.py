@@ -21,6 +21,7 @@ from p2pvc.repo import Repository
 from p2pvc.sync.availability import LocalAvailability, encode_have
 from p2pvc.sync.heads import local_digests
 from p2pvc.sync.state import SyncState
+from p2pvc.node.ratelimit import UploadLimit
 from p2pvc.node.streams import FrameStream, StreamClosed
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class RepoServer:
         self.availability = {rid: LocalAvailability() for rid in repos}
         self._full: dict[bytes, set[bytes]] = {rid: set() for rid in repos}  # manifests known fully stored
         self._partial: dict[bytes, tuple[float, m.Have]] = {}  # manifest id -> (when computed, availability)
+        self.upload_limit: UploadLimit | None = None
         self._all_slots = trio.Semaphore(OBJECT_REQUESTS_TOTAL)
         self._peer_slots: dict[str, tuple[trio.Semaphore, int]] = {}  # peer id -> (slots, requests using them)
 
@@ -203,6 +205,8 @@ class RepoServer:
             offset = 0
             while True:
                 part = stored[offset : offset + m.OBJECT_PART_BYTES]
+                if self.upload_limit is not None:
+                    await self.upload_limit.take(len(part))
                 await stream.send(m.ObjectPart(oid, kind, codec, raw_size, len(stored), offset, part))
                 offset += len(part)
                 if offset >= len(stored):

@@ -42,7 +42,8 @@ from p2pvc.sync.swarm import Request, Scheduler
 
 log = logging.getLogger(__name__)
 
-HAVE_INTERVAL_S = 1.0  # how often each peer is asked what it holds
+HAVE_INTERVAL_S = 1.0  # how often each peer is asked what it holds, once the swarm has formed
+FIRST_HAVE_INTERVAL_S = 0.25  # the first polls come faster, doubling up to HAVE_INTERVAL_S, so fetchers find each other early
 STALL_TIMEOUT_S = 15.0  # a request that delivers nothing this long is abandoned and its peer dropped
 UNAVAILABLE_GRACE_S = 10.0  # with nothing in flight, how long to wait for a holder of the missing chunks to appear
 MAX_PEERS = 32  # peers one fetch talks to
@@ -248,13 +249,15 @@ class SwarmFetch:
     async def _poll(self, peer: str) -> None:
         client = self.node.client(peer, self.repo)
         listen = advertised_addresses(self.node.host)
+        interval = FIRST_HAVE_INTERVAL_S
         while not self.scheduler.done:
             try:
                 await self._poll_once(client, peer, listen)
             except (PeerError, StreamClosed, m.ProtocolViolation) as exc:
                 self._drop(peer, f"availability request failed: {exc}")
                 return
-            await trio.sleep(HAVE_INTERVAL_S)
+            await trio.sleep(interval)
+            interval = min(2 * interval, HAVE_INTERVAL_S)
 
     async def _poll_once(self, client: PeerClient, peer: str, listen: list[str]) -> None:
         incomplete = [mid for mid, file in self._files.items() if file.remaining > 0]

@@ -268,12 +268,15 @@ class Node:
 
     # Serving ------------------------------------------------------------------
 
-    def serve(self, port: int | None = None, anti_entropy: float = 3600.0, seed: bool = False) -> Server:
+    def serve(
+        self, port: int | None = None, anti_entropy: float = 3600.0, seed: bool = False, extra: tuple[str, ...] = ()
+    ) -> Server:
         """Start `p2pvc serve` on 127.0.0.1 and return once it prints "listening on".
 
         The default anti-entropy interval is long, so the only exchanges are
         the ones the test causes and the first round right after start.
         With `seed`, the node runs `serve --seed`: it only serves and never pulls.
+        `extra` holds more `serve` options.
         """
         port = port if port is not None else free_port()
         self.logs.mkdir(exist_ok=True)
@@ -291,6 +294,7 @@ class Node:
                     "--anti-entropy",
                     str(anti_entropy),
                     *(["--seed"] if seed else []),
+                    *extra,
                 ],
                 cwd=self.root,
                 env=self.env,
