@@ -319,3 +319,29 @@ def clear_worktree(root: Path) -> None:
             shutil.rmtree(path)  # removes symlinks inside without following them
         else:
             os.unlink(path)
+
+
+# Nodes as separate processes (tests/netproc) --------------------------------------------------
+
+
+@pytest.fixture
+def registry():
+    """The processes a test starts; each one still running is killed by pid when the test ends."""
+    from netproc.nodes import ProcessRegistry
+
+    registry = ProcessRegistry()
+    try:
+        yield registry
+    finally:
+        registry.kill_all()
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, registry):
+    """Return a factory of p2pvc nodes, each in its own folder below tmp_path with its own identity."""
+    from netproc.nodes import Node
+
+    def make(name: str):
+        return Node(name, tmp_path, registry)
+
+    return make

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,23 +62,6 @@ LARGE_FILE_BYTES = 300 * MiB
 KILL_POLL_S = 0.005  # how often a test polls a fetcher's pack size while it waits for the kill point
 KILL_DEADLINE_S = 180.0  # a 300 MB pull over 127.0.0.1 took about 10 s on the 2-core test machine
 IN_FLIGHT_SLACK = 8 * MiB  # bytes in flight when a fetcher is killed, on top of one uncommitted index batch
-
-
-@pytest.fixture
-def registry() -> Iterator[ProcessRegistry]:
-    registry = ProcessRegistry()
-    try:
-        yield registry
-    finally:
-        registry.kill_all()
-
-
-@pytest.fixture
-def make_node(tmp_path: Path, registry: ProcessRegistry) -> Callable[[str], Node]:
-    def make(name: str) -> Node:
-        return Node(name, tmp_path, registry)
-
-    return make
 
 
 def create_origin(node: Node, files: dict[str, bytes]) -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -54,23 +52,6 @@ REPORT_TIMEOUT_S = 60.0
 PARTIAL_REPORT_TIMEOUT_S = 30.0  # one fetcher of PARTIAL_PATH alone took about 3 s
 TRANSFER_TIMEOUT_S = 120.0
 IN_FLIGHT_SLACK = 8 * MiB  # bytes in flight when a fetcher is killed, on top of one uncommitted index batch
-
-
-@pytest.fixture
-def registry() -> Iterator[ProcessRegistry]:
-    registry = ProcessRegistry()
-    try:
-        yield registry
-    finally:
-        registry.kill_all()
-
-
-@pytest.fixture
-def make_node(tmp_path: Path, registry: ProcessRegistry) -> Callable[[str], Node]:
-    def make(name: str) -> Node:
-        return Node(name, tmp_path, registry)
-
-    return make
 
 
 @pytest.fixture(scope="module")
