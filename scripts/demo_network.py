@@ -149,8 +149,10 @@ def seed_gpus(a: Node, b: Node, gpus: list[Node], root: Path) -> None:
         if fetch.returncode != 0:
             raise SystemExit(f"demo failed: [{gpu.name}] p2pvc fetch exited with {fetch.returncode}")
         report = json.loads(out)
-        sources = {_short(peer, a, b, gpus): f"{amount / 2**20:.1f} MiB" for peer, amount in report["peers"].items()}
-        print(f"[{gpu.name}] fetched {report['raw_bytes_fetched'] / 2**20:.1f} MiB in {report['seconds']:.1f} s from {sources}")
+        sources = ", ".join(
+            f"{_short(peer, a, b, gpus)} {amount / 2**20:.1f} MiB" for peer, amount in report["peers"].items()
+        )
+        print(f"[{gpu.name}] fetched {report['raw_bytes_fetched'] / 2**20:.1f} MiB in {report['seconds']:.1f} s: {sources}")
         if tree_digest(root / f"{gpu.name}-scratch" / "all-MiniLM-L6-v2") != model_digest:
             raise SystemExit(f"demo failed: [{gpu.name}] the fetched model differs from lab-a's")
     gpus[0].p2pvc("whereis", "main", "--peer", a.address, "--peer", b.address)

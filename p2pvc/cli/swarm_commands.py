@@ -124,6 +124,14 @@ def fetch(
     )
 
 
+def _share(held: int, total: int) -> str:
+    """Return an incomplete share as a percentage that never rounds to 0% or 100%."""
+    percent = 100 * held // total if total else 0
+    if held and percent == 0:
+        return "<1%"
+    return f"{min(percent, 99)}%"
+
+
 def _setup_logging(verbose: bool) -> None:
     import logging
 
@@ -156,6 +164,12 @@ def _fetch_json(report, elapsed: float) -> dict:
 
 def _print_fetch(report, rev: str, elapsed: float) -> None:
     swarm = report.swarm
+    if swarm.chunks_fetched == 0:
+        typer.echo(
+            f"{rev} ({report.commit.hex()[:12]}): all {report.files} file(s), "
+            f"{output.human_bytes(report.bytes_selected)}, were already stored here; nothing fetched"
+        )
+        return
     rate = swarm.raw_bytes / elapsed if elapsed > 0 else 0.0
     typer.echo(
         f"Fetched {rev} ({report.commit.hex()[:12]}): {report.files} file(s), "
@@ -245,8 +259,7 @@ def whereis(
         return
     typer.echo(f"{label}: {len(files)} file(s), {output.human_bytes(total)}")
     for row in rows:
-        share = 100.0 * row["bytes"] / total if total else 100.0
-        state = "all" if row["complete"] else f"{share:.0f}%"
+        state = "all" if row["complete"] else _share(row["bytes"], total)
         typer.echo(f"  {row['peer']}: {state} ({output.human_bytes(row['bytes'])})")
     for address, reason in unreachable:
         typer.echo(f"  {address}: unreachable: {reason}", err=True)

@@ -457,6 +457,9 @@ class Host:
 
         # The caller requested this dial, so the swarm's 60 s block after a failed dial must not reject it.
         self._swarm.unblock_peer(peer_id)
+        # Dial only this address: the swarm dials every address the peerstore holds for the
+        # peer, and one that failed before (a wrong port, say) made this dial fail as well.
+        self._host.get_peerstore().clear_addrs(peer_id)
         try:
             with trio.fail_after(timeout):
                 await self._host.connect(peer_info)
