@@ -108,7 +108,7 @@ class PeerClient:
         if not isinstance(response, m.HaveResponse):
             raise m.ProtocolViolation(f"expected availability, got {type(response).__name__}")
         if len(response.have) != len(ids):
-            raise m.ProtocolViolation(f"asked about {len(ids)} ids, got {len(response.have)} answers")
+            raise m.ProtocolViolation(f"requested availability of {len(ids)} ids, got {len(response.have)} entries")
         return response
 
     async def announce(self, records: list[bytes]) -> None:

@@ -99,7 +99,7 @@ async def fetch(
             log.warning("fetching history from %s failed: %s", peer, exc)
             unreachable.append((peer, str(exc)))
     if history_peer is None:
-        raise PeerError("no peer answered with the repository's history", hint="check that the peers serve this repository")
+        raise PeerError("no peer sent the repository's history", hint="check that the peers serve this repository")
     state = SyncState(repo.db)
     if repo.history_only:
         apply_updates(repo, state, updates, history, with_chunks=False)

@@ -93,7 +93,7 @@ async def _until_signal() -> None:
 
 
 def _targets(repo: Repository, addresses: list[str]) -> list[str]:
-    """The given addresses, then every stored peer's, each once."""
+    """Return the given addresses, then every stored peer's, each once."""
     targets = list(addresses)
     for peer in SyncState(repo.db).peers():
         if peer.address not in targets:

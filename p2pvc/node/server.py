@@ -140,7 +140,7 @@ class RepoServer:
                 self._peer_slots[peer] = (slots, users - 1)
 
     def _have(self, repo: Repository, peer: str, request: m.HaveRequest) -> m.HaveResponse:
-        """Answer which asked commits are complete here and which chunks of each asked manifest are held."""
+        """Return which requested commits are complete here and which chunks of each requested manifest are stored."""
         now = time.monotonic()
         availability = self.availability[repo.id]
         availability.note_member(peer, request.listen, now)

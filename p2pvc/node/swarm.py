@@ -126,10 +126,6 @@ class SwarmFetch:
         self._last_progress = 0.0
         self._nursery: trio.Nursery | None = None
 
-    @property
-    def wanted_bytes(self) -> int:
-        return self.scheduler.total_bytes
-
     async def run(self, peers: list[str], addresses: dict[str, str] | None = None) -> SwarmReport:
         """Fetch every wanted chunk; raise SwarmError if the swarm cannot deliver them all.
 
@@ -381,7 +377,7 @@ class SwarmFetch:
                 break
             if idle > UNAVAILABLE_GRACE_S:
                 failure.append(SwarmError(
-                    f"no peer holds {len(self.scheduler.unavailable())} of the {len(self.scheduler.wanted)} missing chunk(s)",
+                    f"{len(self.scheduler.unavailable())} of the {len(self.scheduler.wanted)} missing chunk(s) are on no reachable peer",
                     hint="fetch from a peer that holds the whole revision, then run the command again",
                 ))
                 break
@@ -406,7 +402,7 @@ def _have_batches(manifest_ids: list[bytes], files: dict[bytes, _File]) -> list[
 
 
 def advertised_addresses(host) -> list[str]:
-    """The listen addresses to give other swarm members, with a wildcard host replaced by this machine's address."""
+    """Return the listen addresses to give other swarm members, with a wildcard host replaced by this machine's address."""
     from p2pvc.node.addresses import primary_ip
 
     addresses = []

@@ -98,7 +98,7 @@ class LocalAvailability:
         self._positions.clear()
 
     def chunk_stored(self, cid: bytes, record: FreshRecord | None) -> None:
-        """A chunk was verified and appended: count it as held, and serve `record` until durable."""
+        """Count a verified, appended chunk as held, and serve `record` until it is durable."""
         if record is not None:
             self.fresh[cid] = record
         for manifest_id, index in self._positions.pop(cid, ()):
@@ -108,11 +108,11 @@ class LocalAvailability:
                 file.count += 1
 
     def durable(self) -> None:
-        """The write session committed: the index now serves every fresh record."""
+        """Drop the fresh records once the write session has committed them to the index."""
         self.fresh.clear()
 
     def have(self, manifest_id: bytes) -> Have | None:
-        """The availability of a tracked manifest, or None when no fetch here follows it."""
+        """Return the availability of a tracked manifest, or None when no fetch here follows it."""
         file = self._files.get(manifest_id)
         if file is None:
             return None

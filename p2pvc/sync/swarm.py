@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 BATCH_BYTES = 1024 * 1024  # raw bytes of chunks per request outside the endgame
 MIN_WINDOW_BYTES = 2 * BATCH_BYTES  # bytes in flight per peer before its rate is known
 MAX_WINDOW_BYTES = 32 * 1024 * 1024
-WINDOW_S = 1.0  # a window holds this many seconds of a peer's measured rate
+WINDOW_S = 1.0  # a window is this many seconds of a peer's measured rate
 RATE_SAMPLE_S = 0.5  # the rate estimate is updated at most this often
 ENDGAME_COPIES = 2  # requests in flight for one chunk during the endgame
 REORDER_S = 2.0  # a peer's candidate order is re-sorted by rarity at most this often
@@ -114,7 +114,7 @@ class Scheduler:
         return len(new)
 
     def lacks(self, peer: str, chunks: Iterable[bytes]) -> None:
-        """The peer answered that it does not have these chunks after all."""
+        """Forget chunks that the peer's response listed as missing after all."""
         state = self._peers.get(peer)
         if state is None:
             return
@@ -144,10 +144,6 @@ class Scheduler:
     def rate(self, peer: str) -> float:
         state = self._peers.get(peer)
         return state.rate if state else 0.0
-
-    def received_from(self, peer: str) -> int:
-        state = self._peers.get(peer)
-        return state.received_bytes if state else 0
 
     @property
     def serving_peers(self) -> int:
@@ -209,7 +205,7 @@ class Scheduler:
         return redundant
 
     def request_ended(self, request_id: int) -> None:
-        """A request finished, failed or was cancelled: release the chunks it did not deliver."""
+        """Release the chunks a finished, failed or cancelled request did not deliver."""
         request = self._requests.get(request_id)
         if request is not None:
             self._release(request)

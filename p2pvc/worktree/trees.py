@@ -58,7 +58,7 @@ def build(flat: dict[bytes, tuple[int, bool, bytes, int]], put_tree: Callable[[T
 
 
 def select_paths(flat: FlatTree, paths: list[bytes]) -> FlatTree:
-    """The entries of `flat` at or below any of `paths` (all of them when `paths` is empty)."""
+    """Return the entries of `flat` at or below any of `paths` (all of them when `paths` is empty)."""
     if not paths:
         return flat
     return {path: entry for path, entry in flat.items() if any(path == p or path.startswith(p + b"/") for p in paths)}
