@@ -173,8 +173,10 @@ async def _read_exactly(
                 f"after {progress.received} of {progress.expected} bytes",
                 peer_id=stream_peer_id(stream),
             )
-        buffer += chunk
         progress.received += len(chunk)
+        if len(chunk) == size:
+            return chunk  # the whole span in one read: skip the two copies through `buffer`
+        buffer += chunk
     return bytes(buffer)
 
 

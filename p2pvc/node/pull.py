@@ -35,7 +35,8 @@ from p2pvc.sync.state import RefChange, SyncState
 log = logging.getLogger(__name__)
 
 OBJECT_BATCH = 1024  # ids per request for commits, trees and manifests
-CHUNK_BATCH = 32  # chunks per request: about 2.5 MiB of average chunks
+CHUNK_BATCH = 128  # chunks per request: about 10 MiB of average chunks; fewer streams to open
+VERIFY_BATCH = 16  # chunks decoded and hashed per hand-off to the verifying thread
 CHUNK_REQUESTS_IN_FLIGHT = 4  # per peer; keeps the link busy across request round trips
 SYNC_COMMIT_BYTES = 32 * 1024 * 1024  # durable index batches: an interrupted pull loses at most this much
 
@@ -218,19 +219,47 @@ async def _fetch_chunks(
         send_batch.send_nowait(batch)
     send_batch.close()
 
+    # Decoding and hashing run on one worker thread. zstd decompression releases the GIL
+    # there, so the trio thread goes on reading frames. A batch amortizes the hand-off.
+    verifier = trio.CapacityLimiter(1)
+
+    def verify_all(items: list[tuple[m.ObjectPart, bytes]], sizes: dict[bytes, int]):
+        """Return the chunks that verify, up to the first that does not, and that one's error."""
+        verified = []
+        for first, stored in items:
+            try:
+                verified.append(_verified(client, first, stored, KIND_CHUNK, sizes.get(first.id)))
+            except MisbehavingPeer as exc:
+                return verified, exc
+        return verified, None
+
+    async def verify_and_store(items: list[tuple[m.ObjectPart, bytes]], sizes: dict[bytes, int]) -> None:
+        verified, error = await trio.to_thread.run_sync(verify_all, items, sizes, limiter=verifier)
+        for received in verified:
+            # checked: the walk found these chunks absent from the index.
+            if session.put_encoded(
+                KIND_CHUNK, received.id, received.raw_size, received.codec, received.stored, checked=True
+            ):
+                report.chunks_fetched += 1
+                report.bytes_fetched += len(received.stored)
+            walker.missing.chunks.pop(received.id, None)
+            progress.advance(received.raw_size)
+        if error is not None:
+            raise error  # after storing what verified, so a rerun does not fetch it again
+
     async def worker() -> None:
         async for batch in receive_batch:
             sizes = dict(batch)
+            items: list[tuple[m.ObjectPart, bytes]] = []
             async for item in client.objects([cid for cid, _ in batch]):
                 if isinstance(item, m.End):
                     continue  # left in walker.missing: the ref stays unapplied
-                first, stored = item
-                received = _verified(client, first, stored, KIND_CHUNK, sizes.get(first.id))
-                if session.put_encoded(KIND_CHUNK, received.id, received.raw_size, received.codec, received.stored):
-                    report.chunks_fetched += 1
-                    report.bytes_fetched += len(stored)
-                walker.missing.chunks.pop(received.id, None)
-                progress.advance(received.raw_size)
+                items.append(item)
+                if len(items) >= VERIFY_BATCH:
+                    await verify_and_store(items, sizes)
+                    items = []
+            if items:
+                await verify_and_store(items, sizes)
 
     try:
         async with trio.open_nursery() as nursery:

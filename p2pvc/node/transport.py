@@ -43,9 +43,28 @@ class _ReadAhead:
                 return data
             self._buffer += data
         size = len(self._buffer) if n is None or n < 0 else min(n, len(self._buffer))
-        data = bytes(self._buffer[:size])
+        with memoryview(self._buffer) as view:
+            data = view[:size].tobytes()  # one copy; a bytearray slice would add a second
         del self._buffer[:size]
         return data
+
+    def take_frame(self, max_size: int) -> bytearray | None:
+        """Remove and return the payload of the next frame if the buffer holds all of it, else None.
+
+        Saves the header and payload reads of `read_frame`, and their copies,
+        for the frames that an earlier large read already brought in. A frame
+        longer than `max_size` is left for `read_frame` to reject.
+        """
+        buffer = self._buffer
+        if len(buffer) < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(buffer)
+        end = HEADER.size + length
+        if length > max_size or len(buffer) < end:
+            return None
+        payload = buffer[HEADER.size : end]
+        del buffer[:end]
+        return payload
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
@@ -96,12 +115,14 @@ class Libp2pFrameStream:
 
     async def receive(self) -> Message:
         await self.flush()
-        try:
-            data = await read_frame(self._stream, READ_TIMEOUT_S, messages.MAX_FRAME)
-        except FrameError as exc:
-            raise StreamClosed(exc.message) from exc
+        data = self._stream.take_frame(messages.MAX_FRAME)
         if data is None:
-            raise StreamClosed(f"peer {self.peer_id} closed the stream")
+            try:
+                data = await read_frame(self._stream, READ_TIMEOUT_S, messages.MAX_FRAME)
+            except FrameError as exc:
+                raise StreamClosed(exc.message) from exc
+            if data is None:
+                raise StreamClosed(f"peer {self.peer_id} closed the stream")
         return messages.decode(data)
 
     async def close(self) -> None:

@@ -224,7 +224,7 @@ def encode(message: Message) -> bytes:
     return data
 
 
-def decode(data: bytes) -> Message:
+def decode(data: bytes | bytearray) -> Message:
     """Parse and validate one frame payload; raises ProtocolViolation."""
     if len(data) > MAX_FRAME:
         raise ProtocolViolation(f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
