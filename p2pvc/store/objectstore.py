@@ -86,6 +86,24 @@ class ObjectStore:
             found.update(bytes(r[0]) for r in conn.execute(f"SELECT id FROM objects WHERE id IN ({marks})", part))
         return found
 
+    def entries(self, ids: Iterable[bytes]) -> dict[bytes, IndexEntry]:
+        """Return the index entries of those `ids` that are stored, with one query per 500 ids."""
+        unique = list(dict.fromkeys(ids))
+        found: dict[bytes, IndexEntry] = {}
+        conn = self._conn()
+        for i in range(0, len(unique), 500):
+            part = unique[i : i + 500]
+            marks = ",".join("?" * len(part))
+            rows = conn.execute(
+                "SELECT o.id, o.kind, p.name, o.offset, o.stored_size, o.raw_size, o.codec "
+                f"FROM objects o JOIN packs p ON p.pack_id = o.pack_id WHERE o.id IN ({marks})",
+                part,
+            )
+            for row in rows:
+                entry = IndexEntry(bytes(row[0]), *row[1:])
+                found[entry.id] = entry
+        return found
+
     def missing(self, ids: Iterable[bytes]) -> list[bytes]:
         return [oid for oid in ids if not self.has(oid)]
 
@@ -97,7 +115,14 @@ class ObjectStore:
         return entry.kind, self.read_entry(entry)
 
     def read_entry(self, entry: IndexEntry) -> bytes:
-        header, stored = self._reader.read(entry.pack_name, entry.offset, entry.id, entry.stored_size)
+        return bytes(self.read_entry_view(entry))
+
+    def read_entry_view(self, entry: IndexEntry) -> bytes | memoryview:
+        """Return the same bytes as `read_entry`, as a view of the read buffer when the record is stored raw.
+
+        Saves a copy of every raw record for callers that only write the bytes out.
+        """
+        header, stored = self._reader.read_view(entry.pack_name, entry.offset, entry.id, entry.stored_size)
         if header.kind != entry.kind or header.codec != entry.codec or header.raw_size != entry.raw_size:
             raise CorruptionError(
                 f"object {entry.id.hex()}: pack record header disagrees with the index",
@@ -178,6 +203,7 @@ class WriteSession:
         self._pending: dict[bytes, tuple[int, int, int, int, int]] = {}  # id -> kind, offset, stored, raw, codec
         self._pending_bytes = 0
         self.new_bytes = 0  # raw bytes of records this session added
+        self.generation = 0  # batches committed so far; see `absent`
 
     def __enter__(self) -> WriteSession:
         return self
@@ -206,6 +232,19 @@ class WriteSession:
         found = {oid for oid in ids if oid in self._pending}
         found.update(self.store.has_many([oid for oid in ids if oid not in found]))
         return found
+
+    def absent(self, ids: list[bytes]) -> set[bytes]:
+        """Return the subset of `ids` that is neither pending in this session nor in the index.
+
+        Worker threads may call this while the session's thread appends: it only tests
+        membership in the pending records and reads the index through the calling
+        thread's own connection. A batch committed during the call moves ids from the
+        pending records to the index, so a caller that later stores an absent id with
+        `put_encoded(checked=True)` must read `generation` before this call and pass
+        `checked=False` if it changed.
+        """
+        candidates = [oid for oid in ids if oid not in self._pending]
+        return set(candidates) - self.store.has_many(candidates)
 
     def put_chunk(self, data: bytes | memoryview, cid: bytes | None = None) -> tuple[bytes, bool]:
         """Store a chunk unless present; return (id, whether it was new)."""
@@ -258,6 +297,7 @@ class WriteSession:
         appender.mark_durable()
         self._pending.clear()
         self._pending_bytes = 0
+        self.generation += 1
         if appender.size >= PACK_TARGET_SIZE:
             appender.close()
             self._appender = None

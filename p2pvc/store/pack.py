@@ -235,6 +235,18 @@ class PackReader:
         self._lock = threading.Lock()  # checkout reads from several threads
 
     def read(self, pack_name: str, offset: int, expected_id: bytes, stored_size: int) -> tuple[RecordHeader, bytes]:
+        header, data = self._read_record(pack_name, offset, expected_id, stored_size)
+        return header, data[RECORD_HEADER.size :]
+
+    def read_view(
+        self, pack_name: str, offset: int, expected_id: bytes, stored_size: int
+    ) -> tuple[RecordHeader, memoryview]:
+        """Return the same as `read`, with the stored bytes as a view of the read buffer instead of a copy."""
+        header, data = self._read_record(pack_name, offset, expected_id, stored_size)
+        return header, memoryview(data)[RECORD_HEADER.size :]
+
+    def _read_record(self, pack_name: str, offset: int, expected_id: bytes, stored_size: int) -> tuple[RecordHeader, bytes]:
+        """Return the checked header and the whole record, header included."""
         path = self.packs_dir / pack_name
         # The read happens under the lock, so no other thread can close (evict) this descriptor meanwhile.
         with self._lock:
@@ -256,7 +268,7 @@ class PackReader:
                 expected=expected_id.hex(),
                 actual=oid.hex() if magic == RECORD_MAGIC else "no record",
             )
-        return RecordHeader(kind, codec, raw_size, size, oid), data[RECORD_HEADER.size :]
+        return RecordHeader(kind, codec, raw_size, size, oid), data
 
     def _open(self, pack_name: str) -> int:
         fd = self._fds.get(pack_name)

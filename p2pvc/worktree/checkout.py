@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 import os
 import secrets
 import stat
@@ -33,7 +33,8 @@ from p2pvc.objects import model
 from p2pvc.objects.chunker import MAX_CHUNK
 from p2pvc.objects.ids import chunk_id
 from p2pvc.objects.model import ENTRY_DIR, ENTRY_FILE, ENTRY_SYMLINK
-from p2pvc.store.objectstore import ObjectStore
+from p2pvc.store.objectstore import IndexEntry, ObjectStore
+from p2pvc.store.pack import KIND_CHUNK
 from p2pvc.worktree.ingest import FileStat
 from p2pvc.worktree.snapshot import FlatState
 from p2pvc.worktree.statcache import StatCache
@@ -206,14 +207,16 @@ def apply(
     result = ApplyResult()
     umask = _umask()
     tree = _SafeTree(root)
+    pool = ThreadPoolExecutor(max_workers=CHECKOUT_WORKERS, thread_name_prefix="p2pvc-checkout")
     try:
         for path in the_plan.removals:
             _remove(tree, path, result)
         for path, entry in the_plan.writes:
-            _write(tree, path, entry, store, cache, umask, result, progress)
+            _write(tree, path, entry, store, cache, umask, result, progress, pool)
     except OSError as exc:
         raise StorageError(f"checkout failed at {exc.filename or root}: {exc.strerror}") from exc
     finally:
+        pool.shutdown(wait=True)
         tree.close()
     return result
 
@@ -260,7 +263,7 @@ def _clear(parent_fd: int, name: bytes, tree: _SafeTree, path: bytes) -> None:
         os.unlink(name, dir_fd=parent_fd)
 
 
-def _write(tree, path, entry: Entry, store, cache, umask, result: ApplyResult, progress) -> None:
+def _write(tree, path, entry: Entry, store, cache, umask, result: ApplyResult, progress, pool) -> None:
     kind, executable, target, size = entry
     if kind == ENTRY_DIR:
         parent_fd, name = tree.parent(path, create=True)
@@ -283,7 +286,7 @@ def _write(tree, path, entry: Entry, store, cache, umask, result: ApplyResult, p
         assert isinstance(manifest, model.Manifest)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=parent_fd)
         try:
-            written = _write_content(fd, manifest, store, progress)
+            written = _write_content(fd, manifest, store, pool, progress)
             if written != manifest.size:
                 raise CorruptionError(
                     f"restored {os.fsdecode(path)} has the wrong size", expected=str(manifest.size), actual=str(written)
@@ -312,43 +315,119 @@ def _write(tree, path, entry: Entry, store, cache, umask, result: ApplyResult, p
             cache.record(path, FileStat.of(st), target)
 
 
-READ_AHEAD_CHUNKS = 16  # chunks being read and decompressed ahead of the writer
+CHECKOUT_WORKERS = 2
+CHECKOUT_BATCH_BYTES = 2 * 1024 * 1024  # raw bytes per worker task: one pwritev each
+CHECKOUT_IN_FLIGHT = 4  # tasks queued per worker; a failure stops the rest soon
+INLINE_MAX = 1024 * 1024  # bytes; smaller files are written on the calling thread
 
 
-def _write_content(fd: int, manifest: model.Manifest, store: ObjectStore, progress) -> int:
-    """Write every chunk, each verified against its id by the store; return the byte count.
+def _is_hole(ref: model.ChunkRef) -> bool:
+    return ref.id == ZERO_CHUNK_ID and ref.size == MAX_CHUNK
 
-    Chunks are read and decompressed on worker threads (pread and zstd release the
-    GIL) while this thread writes, keeping at most READ_AHEAD_CHUNKS in memory.
+
+def _plan_batches(manifest: model.Manifest, store: ObjectStore) -> list[list[tuple[IndexEntry, int]]]:
+    """Group the file's chunks into runs of consecutive (entry, file offset) pairs, split at holes.
+
+    Looks every chunk up in the index first, with one query per 500 ids, and raises
+    CorruptionError for a chunk that is missing, is not a chunk or has another size.
     """
-    written = 0
-    hole = False
-    pending: deque[tuple[model.ChunkRef, Future | None]] = deque()
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="p2pvc-checkout") as pool:
-        chunks = iter(manifest.chunks)
-        while True:
-            while len(pending) < READ_AHEAD_CHUNKS:
-                ref = next(chunks, None)
-                if ref is None:
-                    break
-                is_hole = ref.id == ZERO_CHUNK_ID and ref.size == MAX_CHUNK
-                pending.append((ref, None if is_hole else pool.submit(store.get_chunk, ref.id)))
-            if not pending:
-                break
-            ref, future = pending.popleft()
-            if future is None:
-                os.lseek(fd, ref.size, os.SEEK_CUR)
-                hole = True
-            else:
-                data = memoryview(future.result())
-                while data:
-                    n = os.write(fd, data)
-                    data = data[n:]
-            written += ref.size
+    entries = store.entries(ref.id for ref in manifest.chunks if not _is_hole(ref))
+    batches: list[list[tuple[IndexEntry, int]]] = []
+    batch: list[tuple[IndexEntry, int]] = []
+    batch_bytes = 0
+    offset = 0
+    for ref in manifest.chunks:
+        if _is_hole(ref):
+            if batch:
+                batches.append(batch)
+                batch, batch_bytes = [], 0
+            offset += ref.size
+            continue
+        entry = entries.get(ref.id)
+        if entry is None:
+            raise CorruptionError(f"chunk {ref.id.hex()} is missing from the store", expected=ref.id.hex())
+        if entry.kind != KIND_CHUNK:
+            raise CorruptionError(f"{ref.id.hex()} is a {model.KIND_NAMES.get(entry.kind, entry.kind)}, not a chunk")
+        if entry.raw_size != ref.size:
+            raise CorruptionError(
+                f"chunk {ref.id.hex()} has another size in the store than in its manifest",
+                expected=str(ref.size),
+                actual=str(entry.raw_size),
+            )
+        batch.append((entry, offset))
+        batch_bytes += ref.size
+        offset += ref.size
+        if batch_bytes >= CHECKOUT_BATCH_BYTES:
+            batches.append(batch)
+            batch, batch_bytes = [], 0
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def _write_batch(fd: int, store: ObjectStore, batch: list[tuple[IndexEntry, int]]) -> int:
+    """Read, decode and verify a run of consecutive chunks, then write them with one pwritev; return the byte count."""
+    parts = [store.read_entry_view(entry) for entry, _offset in batch]
+    offset = batch[0][1]
+    total = sum(len(p) for p in parts)
+    _pwrite_all(fd, parts, offset)
+    return total
+
+
+def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
+    """Write parts contiguously from `offset`, resuming after short writes."""
+    views = [memoryview(p) for p in parts]
+    while views:
+        n = os.pwritev(fd, views[:512], offset)  # IOV_MAX is 1024 on Linux
+        if n == 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+def _write_content(fd: int, manifest: model.Manifest, store: ObjectStore, pool: ThreadPoolExecutor, progress) -> int:
+    """Write every chunk at its offset, each verified against its id by the store; return the bytes covered.
+
+    Worker threads read, decompress, verify and write whole batches (pread, zstd,
+    blake3 and pwritev release the GIL), so this thread only queues batches and
+    reports progress. Runs of zeros of MAX_CHUNK bytes stay holes. Before it
+    returns or raises, no task writes to `fd` any more.
+    """
+    batches = _plan_batches(manifest, store)
+    written = manifest.size - sum(entry.raw_size for batch in batches for entry, _ in batch)  # holes
+    if progress is not None and written:
+        progress(written)
+    if manifest.size <= INLINE_MAX:
+        for batch in batches:
+            count = _write_batch(fd, store, batch)
+            written += count
             if progress is not None:
-                progress(ref.size)
-    if hole:
-        os.ftruncate(fd, written)  # a trailing hole needs the size set explicitly
+                progress(count)
+    else:
+        pending: deque[Future] = deque()
+        try:
+            for batch in batches:
+                pending.append(pool.submit(_write_batch, fd, store, batch))
+                while len(pending) > CHECKOUT_IN_FLIGHT * CHECKOUT_WORKERS:
+                    count = pending.popleft().result()
+                    written += count
+                    if progress is not None:
+                        progress(count)
+            while pending:
+                count = pending.popleft().result()
+                written += count
+                if progress is not None:
+                    progress(count)
+        finally:
+            for future in pending:
+                future.cancel()
+            wait(pending)  # the caller closes `fd` next: no task may write to a reused descriptor
+    # Sets the size where the file ends in a hole, and is a no-op otherwise.
+    os.ftruncate(fd, manifest.size)
     return written
 
 

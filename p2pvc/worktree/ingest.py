@@ -17,8 +17,17 @@ time. Two ways to find the next chunk:
 
 So a new checkpoint in which 10% of tensors changed costs one hash pass
 over the unchanged 90%, not a cut, and boundaries never depend on the
-piece size. New chunks are compressed on worker threads (zstd releases the
-GIL) and appended by the main thread.
+piece size.
+
+Only the cuts are sequential. The rest runs on worker threads, because
+blake3, zstd and SQLite release the GIL. When a piece arrives, the reuse
+hashes of every previous span inside it are computed ahead. That stops
+while the last piece walked reused no chunk, so a wholly rewritten file
+wastes the hashing of its first two pieces only. Emitted chunks go out in
+batches of about `BATCH_BYTES` that a worker hashes, checks against the
+index and compresses. The main thread appends the results in order. A
+piece buffer goes back to the reader only after every task that reads it
+has finished, so no chunk is copied before compression.
 
 A file that changes while it is read is detected by comparing fstat before
 and after and the byte count; the caller gets FileChangedError and retries,
@@ -27,6 +36,7 @@ so a manifest always describes exactly the bytes that were hashed and stored.
 
 from __future__ import annotations
 
+import bisect
 import os
 import queue
 import stat
@@ -46,7 +56,10 @@ from p2pvc.store.pack import KIND_CHUNK
 
 PIECE_SIZE = 8 * 1024 * 1024  # bytes per read; boundaries do not depend on it
 READ_AHEAD = 2  # pieces
-MAX_COMPRESS_IN_FLIGHT = 64  # chunks; bounds memory held by pending compression
+RETIRED_PIECES = 2  # walked pieces whose buffers wait for their tasks before the reader reuses them
+BATCH_BYTES = 1024 * 1024  # bytes of new chunks per worker task: fewer tasks, but enough to keep 2 workers busy
+BATCH_CHUNKS = 64  # chunks per worker task when they need no hashing (reused spans)
+INLINE_MAX = 1024 * 1024  # bytes; smaller files are hashed on the calling thread
 
 
 _ZERO_WINDOW = bytes(MAX_CHUNK)
@@ -88,12 +101,11 @@ class Ingester:
 
     def __init__(self, session: WriteSession | None, *, workers: int = 2, progress=None) -> None:
         self.session = session
-        self.progress = progress  # called with a byte count as bytes are hashed
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="p2pvc-compress") if session else None
+        self.progress = progress  # called with a byte count as chunks are cut or reused
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="p2pvc-ingest")
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
 
     def __enter__(self) -> Ingester:
         return self
@@ -125,6 +137,65 @@ class Ingester:
         return result, FileStat.of(after)
 
 
+def _hash_and_encode(
+    session: WriteSession | None, items: list[tuple[bytes | None, memoryview]]
+) -> tuple[int, list[tuple[bytes, tuple[int, bytes] | None]]]:
+    """Hash the chunks that have no id yet and encode those the store lacks, on a worker thread.
+
+    Returns the session's generation read before the index was queried, and one
+    (id, (codec, stored bytes) or None) pair per item, None when the chunk is
+    stored or pending already, or appears earlier in the same batch.
+    """
+    ids = [cid if cid is not None else blake3.blake3(data).digest() for cid, data in items]
+    if session is None:
+        return 0, [(cid, None) for cid in ids]
+    generation = session.generation
+    absent = session.absent(ids)
+    results: list[tuple[bytes, tuple[int, bytes] | None]] = []
+    sample = True
+    for cid, (_, data) in zip(ids, items):
+        encoded = None
+        if cid in absent:
+            absent.discard(cid)  # a repeat inside the batch is stored once
+            codec, stored = encoded = compress.encode(data, sample=sample)
+            sample = not compress.compressed_well(len(data), codec, stored)
+        results.append((cid, encoded))
+    return generation, results
+
+
+def _matching_spans(view: memoryview, view_offset: int, spans: list[ChunkRef], offsets: list[int]) -> set[int]:
+    """Return the file offsets of the previous version's spans whose bytes in `view` still hash to their id."""
+    matches = set()
+    for ref, offset in zip(spans, offsets):
+        start = offset - view_offset
+        if blake3.blake3(view[start : start + ref.size]).digest() == ref.id:
+            matches.add(offset)
+    return matches
+
+
+@dataclass
+class _Speculation:
+    """Reuse hashes computed ahead for the previous version's spans inside one piece."""
+
+    start: int  # file offset of the piece
+    end: int  # file offset just past the piece
+    limit: int  # last span start that was hashed (`_reuse_limit`, or less)
+    futures: list[Future]  # each returns a set of matching file offsets
+
+    def matches(self) -> set[int]:
+        merged: set[int] = set()
+        for future in self.futures:
+            merged |= future.result()
+        return merged
+
+
+@dataclass
+class _Task:
+    indices: list[int]  # positions of the batch's chunks in the manifest
+    sizes: list[int]
+    future: Future
+
+
 class _FileRun:
     def __init__(self, owner: Ingester, fd: int, size: int, previous: Manifest | None) -> None:
         self.owner = owner
@@ -132,19 +203,37 @@ class _FileRun:
         self.fd = fd
         self.size = size
         self.bytes_read = 0
-        self.chunks: list[ChunkRef] = []
+        self.chunks: list[ChunkRef | None] = []  # None until a worker has hashed the chunk
         self.new_bytes = 0
         self.reused = 0
         self.pos = 0
-        self._pending: deque[tuple[bytes, int, Future]] = deque()
-        self._queued: set[bytes] = set()  # ids already batched in this file
-        self._batch: list[tuple[bytes, memoryview]] = []
+        self._inline = size <= INLINE_MAX
+
+        self._queued: set[bytes] = set()  # known ids already batched in this file
+        self._batch: list[tuple[bytes | None, memoryview]] = []
+        self._batch_indices: list[int] = []
+        self._batch_work = 0  # bytes in the batch that need hashing
+        self._tasks: deque[_Task] = deque()
+        self._submitted = 0  # tasks submitted; the first `_consumed` of them are appended
+        self._consumed = 0
+
+        self._retired: deque[tuple[bytearray, int, int]] = deque()  # buffer, piece offset, task count
+        self._speculations: dict[int, _Speculation] = {}  # by piece offset
+        self._speculate = True  # false while the previous piece had no reused chunk
+        self._piece_reused = 0
+
         self._reuse: dict[int, ChunkRef] = {}
+        self._reuse_offsets: list[int] = []
         self._reuse_limit = 0
+        self._stored: set[bytes] = set()  # ids of the previous version that the store contains
+        if previous is not None and previous.chunks and self.session is not None:
+            # One lookup for the whole previous version: reused chunks then need no check by a worker.
+            self._stored = self.session.store.has_many(list({ref.id for ref in previous.chunks}))
         if previous is not None and previous.chunks:
             offset = 0
             for ref in previous.chunks:
                 self._reuse[offset] = ref
+                self._reuse_offsets.append(offset)
                 offset += ref.size
             # Spans must leave MAX_CHUNK bytes in both files, so end-of-file cuts never differ.
             self._reuse_limit = min(previous.size, size) - MAX_CHUNK
@@ -153,7 +242,7 @@ class _FileRun:
         carry: memoryview | None = None
         joined: memoryview | None = None
         carry_offset = 0
-        done_with: bytearray | None = None  # the piece before the current one
+        done_with: tuple[bytearray, int] | None = None  # the piece before the current one
         for piece_offset, piece, eof, buffer in self._pieces():
             if carry is not None:
                 # Chunks that start in the previous piece and may run into this one are cut
@@ -161,8 +250,8 @@ class _FileRun:
                 joined = memoryview(bytes(carry) + bytes(piece[: 2 * MAX_CHUNK]))
                 carry = None
             if done_with is not None:
-                self._free.put(done_with)  # nothing refers to it any more: the reader may refill it
-            done_with = buffer
+                self._retire(*done_with)  # the walk no longer refers to it, but tasks may still read it
+            done_with = (buffer, piece_offset)
             if joined is not None:
                 joined_eof = eof and len(piece) <= 2 * MAX_CHUNK
                 self._walk(joined, carry_offset, joined_eof, stop_at=piece_offset)
@@ -173,24 +262,32 @@ class _FileRun:
                     joined = None
                     continue
                 joined = None
+            self._piece_reused = self.reused
             self._walk(piece, piece_offset, eof)
+            self._speculate = self.reused > self._piece_reused
             end = piece_offset + len(piece)
             if self.pos < end:
                 carry = piece[self.pos - piece_offset :]
                 carry_offset = self.pos
         if carry is not None:  # a file that ended inside the carried bytes
             self._walk(memoryview(bytes(carry)), carry_offset, True)
-        self._drain(0)
-        return IngestResult(Manifest(self.pos, tuple(self.chunks)), self.new_bytes, self.reused)
+        self._consume(self._submitted)
+        for speculation in self._speculations.values():
+            speculation.matches()
+        chunks = tuple(ref for ref in self.chunks if ref is not None)
+        assert len(chunks) == len(self.chunks)
+        return IngestResult(Manifest(self.pos, chunks), self.new_bytes, self.reused)
 
     def _walk(self, buf: memoryview, buf_offset: int, eof: bool, stop_at: int | None = None) -> None:
         try:
             self._walk_chunks(buf, buf_offset, eof, stop_at)
         finally:
-            self._store_batch()
+            self._submit_batch()
 
     def _walk_chunks(self, buf: memoryview, buf_offset: int, eof: bool, stop_at: int | None) -> None:
         end = buf_offset + len(buf)
+        speculation = self._speculations.pop(buf_offset, None)
+        matches = speculation.matches() if speculation is not None else set()
         while self.pos < end:
             if stop_at is not None and self.pos >= stop_at:
                 return
@@ -200,7 +297,11 @@ class _FileRun:
             ref = self._reuse.get(self.pos)
             if ref is not None and self.pos <= self._reuse_limit and start + ref.size <= len(buf):
                 data = buf[start : start + ref.size]
-                if blake3.blake3(data).digest() == ref.id:
+                if speculation is not None and self.pos <= speculation.limit and self.pos + ref.size <= speculation.end:
+                    same = self.pos in matches
+                else:
+                    same = blake3.blake3(data).digest() == ref.id
+                if same:
                     self.reused += 1
                     self._emit(ref.id, data)
                     continue
@@ -211,44 +312,106 @@ class _FileRun:
                 # always the same, so take it from the precomputed chunk (a memcmp, not a cut).
                 self._emit(_ZERO_CUT_ID, window[:_ZERO_CUT_SIZE])
                 continue
-            data = first_chunk(window)
-            self._emit(blake3.blake3(data).digest(), data)
+            self._emit(None, first_chunk(window))
 
-    def _emit(self, cid: bytes, data: memoryview) -> None:
+    def _emit(self, cid: bytes | None, data: memoryview) -> None:
+        """Append a chunk to the manifest; `cid` is None when a worker still has to hash it."""
         size = len(data)
-        self.chunks.append(ChunkRef(cid, size))
         self.pos += size
         if self.owner.progress is not None:
             self.owner.progress(size)
-        if self.session is not None and cid not in self._queued:
+        if cid is not None:
+            self.chunks.append(ChunkRef(cid, size))
+            if self.session is None or cid in self._queued or cid in self._stored:
+                return
             self._queued.add(cid)
-            self._batch.append((cid, data))
+        else:
+            self.chunks.append(None)
+            self._batch_work += size
+        self._batch.append((cid, data))
+        self._batch_indices.append(len(self.chunks) - 1)
+        if self._batch_work >= BATCH_BYTES or len(self._batch) >= BATCH_CHUNKS:
+            self._submit_batch()
 
-    def _store_batch(self) -> None:
-        """Compress and store the new chunks among those emitted since the last call.
+    def _submit_batch(self) -> None:
+        """Hand the batched chunks to a worker.
 
-        Called at the end of every walk, while the pieces under the batched
-        views are still valid; one index query covers the whole batch.
+        Called at the end of every walk too, while the buffers under the batched views are still valid.
         """
         if not self._batch:
             return
-        assert self.session is not None and self.owner._pool is not None
-        present = self.session.has_many([cid for cid, _ in self._batch])
-        for cid, data in self._batch:
-            if cid in present:
-                continue
-            # A copy: the piece under `data` is recycled once the walk moves on.
-            future = self.owner._pool.submit(compress.encode, bytes(data))
-            self._pending.append((cid, len(data), future))
-            self._drain(MAX_COMPRESS_IN_FLIGHT)
-        self._batch.clear()
+        sizes = [len(data) for _, data in self._batch]
+        future = self._submit(_hash_and_encode, self.session, self._batch)
+        self._tasks.append(_Task(self._batch_indices, sizes, future))
+        self._submitted += 1
+        self._batch = []
+        self._batch_indices = []
+        self._batch_work = 0
+        while self._tasks and self._tasks[0].future.done():
+            self._consume(self._consumed + 1)
 
-    def _drain(self, keep: int) -> None:
-        while len(self._pending) > keep:
-            cid, size, future = self._pending.popleft()
-            codec, stored = future.result()
-            if self.session.put_encoded(KIND_CHUNK, cid, size, codec, stored, checked=True):
-                self.new_bytes += size
+    def _submit(self, fn, *args) -> Future:
+        if self._inline:
+            # A small file: a worker round trip costs more than the work.
+            future: Future = Future()
+            future.set_result(fn(*args))
+            return future
+        return self.owner._pool.submit(fn, *args)
+
+    def _consume(self, count: int) -> None:
+        """Take the results of the first `count` tasks in order: fill in ids, append new chunks."""
+        while self._consumed < count:
+            task = self._tasks.popleft()
+            generation, results = task.future.result()
+            self._consumed += 1
+            for index, size, (cid, encoded) in zip(task.indices, task.sizes, results):
+                self.chunks[index] = ChunkRef(cid, size)
+                if encoded is None:
+                    continue
+                assert self.session is not None
+                codec, stored = encoded
+                # A batch committed after the worker's check may have stored the id meanwhile.
+                checked = generation == self.session.generation
+                if self.session.put_encoded(KIND_CHUNK, cid, size, codec, stored, checked=checked):
+                    self.new_bytes += size
+
+    def _retire(self, buffer: bytearray, piece_offset: int) -> None:
+        """Return a piece buffer to the reader once every task submitted so far has finished with it.
+
+        The last `RETIRED_PIECES` buffers wait, so workers are not drained at every piece.
+        """
+        self._retired.append((buffer, piece_offset, self._submitted))
+        while len(self._retired) > RETIRED_PIECES:
+            old_buffer, old_offset, tasks = self._retired.popleft()
+            self._consume(tasks)
+            speculation = self._speculations.pop(old_offset, None)
+            if speculation is not None:  # a piece short enough to be walked only inside `joined`
+                speculation.matches()
+            self._free.put(old_buffer)
+
+    def _start_speculation(self, piece_offset: int, piece: memoryview) -> None:
+        """Hash, on the workers, every previous span that lies inside the piece and may be reused."""
+        if not self._speculate or not self._reuse_offsets or self._inline:
+            return
+        end = piece_offset + len(piece)
+        limit = min(self._reuse_limit, end - 1)
+        first = bisect.bisect_left(self._reuse_offsets, piece_offset)
+        spans: list[ChunkRef] = []
+        offsets: list[int] = []
+        for offset in self._reuse_offsets[first:]:
+            if offset > limit:
+                break
+            ref = self._reuse[offset]
+            if offset + ref.size > end:
+                break
+            spans.append(ref)
+            offsets.append(offset)
+        if not spans:
+            return
+        half = len(spans) // 2
+        parts = [(spans[:half], offsets[:half]), (spans[half:], offsets[half:])]
+        futures = [self._submit(_matching_spans, piece, piece_offset, s, o) for s, o in parts if s]
+        self._speculations[piece_offset] = _Speculation(piece_offset, end, limit, futures)
 
     def _pieces(self):
         """Yield (offset, piece, is_last, buffer) with a read-ahead thread.
@@ -259,7 +422,7 @@ class _FileRun:
         """
         full: queue.Queue = queue.Queue()
         self._free: queue.Queue = queue.Queue()
-        for _ in range(READ_AHEAD + 4):
+        for _ in range(READ_AHEAD + RETIRED_PIECES + 3):
             self._free.put(None)  # allocated on first use
         stop = threading.Event()
 
@@ -290,6 +453,8 @@ class _FileRun:
                 if error is not None:
                     raise StorageError(f"read failed: {error.strerror}") from error
                 self.bytes_read += n
+                if n:
+                    self._start_speculation(offset, memoryview(buf)[:n])
                 if pending is not None:
                     yield pending[0], memoryview(pending[1])[: pending[2]], n == 0, pending[1]
                 if n == 0:
@@ -298,3 +463,4 @@ class _FileRun:
         finally:
             stop.set()
             thread.join()
+
