@@ -44,3 +44,23 @@ async def test_read_serves_the_buffer_before_reading_again() -> None:
     assert await stream.read(4) == b"ef"
     assert await stream.read(4) == b"gh"
     assert await stream.read(4) == b""
+
+
+async def test_read_whole_frame_joins_a_frame_that_arrives_in_pieces() -> None:
+    data = frame(b"a" * 10) + frame(b"b" * 3)
+    stream = _ReadAhead(_Pieces(data[:3], data[3:9], data[9:16], data[16:]))
+    assert await stream.read_whole_frame(100, deadline=float("inf")) == b"a" * 10
+    assert await stream.read_whole_frame(100, deadline=float("inf")) == b"b" * 3
+    assert await stream.read_whole_frame(100, deadline=float("inf")) is None  # the stream ended
+
+
+async def test_read_whole_frame_leaves_a_truncated_frame_for_read_frame() -> None:
+    stream = _ReadAhead(_Pieces(frame(b"c" * 10)[:8]))
+    assert await stream.read_whole_frame(100, deadline=float("inf")) is None
+    assert await stream.read(100) == frame(b"c" * 10)[:8]  # nothing was lost
+
+
+async def test_read_whole_frame_stops_at_an_oversized_header() -> None:
+    stream = _ReadAhead(_Pieces(frame(b"d" * 10)))
+    assert await stream.read_whole_frame(9, deadline=float("inf")) is None
+    assert stream.take_frame(10) == b"d" * 10

@@ -66,6 +66,29 @@ class _ReadAhead:
         del buffer[:end]
         return payload
 
+    async def read_whole_frame(self, max_size: int, deadline: float) -> bytearray | None:
+        """Read until the buffer holds the next whole frame and return its payload.
+
+        Returns None, leaving what it read in the buffer, if the stream ends, fails
+        or reaches `deadline` first, or if the frame is longer than `max_size`:
+        `read_frame` then reads the same bytes again and raises the right error.
+        """
+        with trio.move_on_at(deadline):
+            while True:
+                payload = self.take_frame(max_size)
+                if payload is not None:
+                    return payload
+                if len(self._buffer) >= HEADER.size and HEADER.unpack_from(self._buffer)[0] > max_size:
+                    return None
+                try:
+                    data = await self._stream.read(self.READ_SIZE)
+                except Exception:  # the class depends on the stream; read_frame reports it
+                    return None
+                if not data:
+                    return None
+                self._buffer += data
+        return None
+
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
 
@@ -115,10 +138,16 @@ class Libp2pFrameStream:
 
     async def receive(self) -> Message:
         await self.flush()
-        data = self._stream.take_frame(messages.MAX_FRAME)
+        deadline = trio.current_time() + READ_TIMEOUT_S
+        try:
+            data = await self._stream.read_whole_frame(messages.MAX_FRAME, deadline)
+        except trio.Cancelled:
+            await reset_quietly(self._stream)  # as read_frame does: the caller drops the stream
+            raise
         if data is None:
             try:
-                data = await read_frame(self._stream, READ_TIMEOUT_S, messages.MAX_FRAME)
+                remaining = max(deadline - trio.current_time(), 0.001)
+                data = await read_frame(self._stream, remaining, messages.MAX_FRAME)
             except FrameError as exc:
                 raise StreamClosed(exc.message) from exc
             if data is None:
