@@ -39,8 +39,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
-import numpy.typing as npt
+try:
+    import numpy as np
+    import numpy.typing as npt
+except ImportError:
+    raise SystemExit("make_checkpoint.py needs numpy: run  .venv/bin/pip install -e '.[bench]'") from None
 
 BF16_BYTES = 2
 HEADER_LENGTH_BYTES = 8

@@ -826,6 +826,14 @@ def test_branch_delete_removes(two_commits) -> None:
     cli.fail(EXIT_USER, "show", "side")
 
 
+@pytest.mark.parametrize("args", [("side", "-d"), ("side", "--delete"), ("--delete", "side", "--force")])
+def test_branch_delete_options_after_name(two_commits, args: tuple[str, ...]) -> None:
+    cli, _first, _second = two_commits
+    cli.ok("branch", "side")
+    assert cli.ok("branch", *args).stdout.startswith("Deleted branch side")
+    assert [b["name"] for b in cli.json("branch")] == ["main"]
+
+
 def test_branch_recreate_after_delete(two_commits) -> None:
     cli, first, _second = two_commits
     cli.ok("branch", "side")

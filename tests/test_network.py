@@ -435,8 +435,11 @@ def test_killed_clone_resumes_by_sync(make_node):
     started = fetcher.start("clone", server.address, str(fetcher.root))
     # Past two index batches of SYNC_COMMIT_BYTES, so at least one of them is durable.
     grown = kill_when_fetched(fetcher, started, 2 / 3, size)
+    again = fetcher.run("clone", server.address, str(fetcher.root))
     rerun = fetcher.run("sync", "--json")
 
+    assert again.returncode == 3, again.describe()
+    assert f"run p2pvc sync in {fetcher.root}" in again.stderr
     assert rerun.returncode == 0, rerun.describe()
     fetched = sync_report(rerun, origin.peer_id)["pulled"]["bytes_fetched"]
     assert fetched <= size - grown + SYNC_COMMIT_BYTES + IN_FLIGHT_SLACK, f"grown {grown} at the kill"
@@ -446,6 +449,28 @@ def test_killed_clone_resumes_by_sync(make_node):
     # An explicit checkout: the one `sync` runs writes nothing here (see test_sync_fills_empty_clone).
     fetcher.ok("checkout", "--force", "main")
     assert tree_digest(fetcher.root) == tree_digest(origin.root)
+    assert server.stop() <= STOP_LIMIT_S
+
+
+def test_clone_selects_repository_by_id_prefix(make_node):
+    origin = make_node("origin")
+    origin.root.mkdir()
+    (origin.root / "notes.txt").write_text("one\n")
+    origin.ok("init")
+    origin.ok("commit", "-m", "one")
+    server = origin.serve()
+    prefix = repository_id(origin.root, origin.home).hex()[:12]
+
+    invalid = make_node("invalid").run("clone", "--repo", "zz", server.address)
+    other = make_node("other").run("clone", "--repo", "0000" if not prefix.startswith("0000") else "1111", server.address)
+    cloned = make_node("cloned")
+    cloned.ok("clone", "--repo", prefix.upper(), server.address, str(cloned.root))
+
+    assert invalid.returncode == 3, invalid.describe()
+    assert "invalid repository id" in invalid.stderr
+    assert other.returncode == EXIT_PEER, other.describe()
+    assert "serves no repository with id" in other.stderr
+    assert cloned.refs() == origin.refs()
     assert server.stop() <= STOP_LIMIT_S
 
 

@@ -29,7 +29,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-branch_app = typer.Typer(help="List, create or delete branches.", no_args_is_help=False)
 peer_app = typer.Typer(help="List, add or remove the peers this repository syncs with.", no_args_is_help=True)
 member_app = typer.Typer(help="List, add or remove the repository's members (who may sign commits).", no_args_is_help=True)
 
@@ -404,9 +403,8 @@ def diff(
     _print_diff(result)
 
 
-@branch_app.callback(invoke_without_command=True)
+@app.command()
 def branch(
-    ctx: typer.Context,
     name: Annotated[Optional[str], typer.Argument(help="Branch to create (lists branches when omitted).")] = None,
     rev: Annotated[str, typer.Argument(help="Where the new branch starts.")] = "HEAD",
     delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the named branch.")] = False,
@@ -427,9 +425,6 @@ def branch(
     else:
         target = create_branch(repo, name, rev)
         typer.echo(f"Created branch {name} at {target.hex()[:12]}")
-
-
-app.add_typer(branch_app, name="branch")
 
 
 @app.command()
@@ -682,7 +677,7 @@ def clone(
     directory: Annotated[
         Optional[Path], typer.Argument(help="Folder to create (default: ./p2pvc-ID, with the repository's short id).")
     ] = None,
-    repo_id: Annotated[Optional[str], typer.Option("--repo", help="Repository id, if the peer serves several.")] = None,
+    repo_id: Annotated[Optional[str], typer.Option("--repo", help="Repository id or a prefix of it, if the peer serves several.")] = None,
     no_content: Annotated[
         bool, typer.Option("--no-content", help="Fetch history only; fetch file content later with p2pvc sync --content.")
     ] = False,
@@ -695,7 +690,7 @@ def clone(
 
     target = Path(_user_path(directory)).absolute() if directory else None
     if target is not None and target.exists() and any(target.iterdir()):
-        raise UserError(f"{target} exists and is not empty", hint="pass a new folder")
+        raise UserError(f"{target} exists and is not empty", hint=runner.clone_target_hint(target, "pass a new folder"))
     repo, report = trio.run(
         lambda: runner.clone(
             address, target, repo_hex=repo_id, history_only=no_content, progress=output.TerminalProgress()
@@ -864,6 +859,11 @@ def run() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except SystemExit as exc:
+        # typer turns Ctrl-C into a silent exit 130; say what happened.
+        if exc.code == 130 and isinstance(getattr(exc.__context__, "__cause__", None), KeyboardInterrupt):
+            sys.stderr.write("interrupted\n")
+        raise
     except BrokenPipeError:
         sys.exit(1)
 

@@ -188,6 +188,26 @@ async def sync(repo: Repository, addresses: list[str], *, progress: Progress = N
     return result
 
 
+def clone_target_hint(path: Path, otherwise: str) -> str:
+    """Return the hint for a clone into a folder that is not empty."""
+    if (path / ".p2pvc").is_dir():
+        return f"it holds a repository, maybe from an interrupted clone: run p2pvc sync in {path} to finish it"
+    return otherwise
+
+
+def _repository_prefix(repo_hex: str | None) -> str | None:
+    """Return a repository id or id prefix in lower case; raises UserError if it is not one."""
+    if repo_hex is None:
+        return None
+    prefix = repo_hex.strip().lower()
+    if not 4 <= len(prefix) <= 64 or any(c not in "0123456789abcdef" for c in prefix):
+        raise UserError(
+            f"invalid repository id {repo_hex!r}",
+            hint="pass the id that p2pvc init or p2pvc serve prints (4 to 64 hex digits)",
+        )
+    return prefix
+
+
 async def clone(
     address: str,
     path: Path | None,
@@ -202,11 +222,15 @@ async def clone(
     from p2pvc.node.transport import open_node_host
     from p2pvc.refs.records import decode_repository
 
+    prefix = _repository_prefix(repo_hex)
     identity = load_or_create()
     async with open_node_host(identity.seed, ["/ip4/127.0.0.1/tcp/0"]) as host:
         peer_id = await host.connect(address)
-        wanted = bytes.fromhex(repo_hex) if repo_hex else None
+        # A whole id is asked for by itself; a prefix, as the commands print ids, is matched here.
+        wanted = bytes.fromhex(prefix) if prefix is not None and len(prefix) == 64 else None
         records = await PeerClient(host.open_frame_stream, peer_id, b"\x00" * 32).repository_records(wanted)
+        if prefix is not None:
+            records = tuple(r for r in records if decode_repository(r).id.hex().startswith(prefix))
         if not records:
             raise PeerError(f"peer {peer_id} serves no repository" + (f" with id {repo_hex}" if repo_hex else ""))
         if len(records) > 1:
@@ -215,7 +239,7 @@ async def clone(
     if path is None:
         path = Path.cwd() / f"p2pvc-{decode_repository(records[0]).id.hex()[:12]}"
         if path.exists() and any(path.iterdir()):
-            raise UserError(f"{path} exists and is not empty", hint="pass a folder name to p2pvc clone")
+            raise UserError(f"{path} exists and is not empty", hint=clone_target_hint(path, "pass a folder name to p2pvc clone"))
     repo = Repository.init_from_record(path, records[0], identity)
     try:
         if history_only:
