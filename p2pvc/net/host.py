@@ -3,8 +3,9 @@
 `open_host(seed, listen)` starts a py-libp2p host whose peer id derives from
 the user's 32-byte Ed25519 seed and yields a `Host`: `set_handler`,
 `connect`, `open_stream`, `disconnect`. Leaving the `async with` block stops
-the host within `STOP_TIMEOUT` seconds, also when the block is cancelled
-(as a SIGTERM handler would do) or interrupted by SIGINT.
+the host within `STOP_TIMEOUT` seconds, also when the block is cancelled, as
+a SIGINT or SIGTERM handler would do (see the NOTE of `open_host` on why
+SIGINT must not arrive as a KeyboardInterrupt).
 
 What this module changes in py-libp2p 0.8.1 (the version it was checked
 against), and why:

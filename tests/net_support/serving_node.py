@@ -3,9 +3,11 @@
 Usage: python serving_node.py
 
 Starts a host on 127.0.0.1 with a free port, prints "listening ADDRESS" and
-waits. SIGINT raises KeyboardInterrupt inside the `open_host` block and
-SIGTERM cancels the block, so both go through the host's normal stop. Then
-it prints "stopped" and exits. It also stops on its own after 60 s, so a
+waits. SIGINT and SIGTERM cancel the `open_host` block, as `p2pvc serve`
+does, so both go through the host's normal stop. A KeyboardInterrupt that
+Python raised inside py-libp2p's listener instead would end trio.run with
+TrioInternalError (see the NOTE of `open_host`). Then it prints "stopped"
+and exits. It also stops on its own after 60 s, so a
 test that fails to signal it leaves no process behind for long.
 """
 
@@ -21,8 +23,9 @@ from p2pvc.net.host import open_host
 MAX_LIFETIME = 60.0
 
 
-async def cancel_on_sigterm(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+async def cancel_on_signal(scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()  # the handlers are in place before "listening" is printed
         async for _ in signals:
             scope.cancel()
             return
@@ -30,7 +33,7 @@ async def cancel_on_sigterm(scope: trio.CancelScope) -> None:
 
 async def main() -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(cancel_on_sigterm, nursery.cancel_scope)
+        await nursery.start(cancel_on_signal, nursery.cancel_scope)
         async with open_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"]) as host:
             print("listening", host.listen_addrs[0], flush=True)
             await trio.sleep(MAX_LIFETIME)
@@ -38,8 +41,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        trio.run(main)
-    except* KeyboardInterrupt:  # may arrive wrapped in the nursery's exception group
-        pass
+    trio.run(main)
     print("stopped", flush=True)
