@@ -31,7 +31,7 @@ async def test_take_frame_returns_buffered_frames_in_order() -> None:
     assert await stream.read(10) == frame(b"fo")[:5]
 
 
-async def test_take_frame_leaves_an_oversized_frame_for_the_reader_to_reject() -> None:
+async def test_take_frame_skips_oversized_frame() -> None:
     stream = _ReadAhead(_Pieces(frame(b"x" * 50)))
     await stream.read(0)
     assert stream.take_frame(49) is None
@@ -46,7 +46,7 @@ async def test_read_serves_the_buffer_before_reading_again() -> None:
     assert await stream.read(4) == b""
 
 
-async def test_read_whole_frame_joins_a_frame_that_arrives_in_pieces() -> None:
+async def test_read_whole_frame_joins_pieces() -> None:
     data = frame(b"a" * 10) + frame(b"b" * 3)
     stream = _ReadAhead(_Pieces(data[:3], data[3:9], data[9:16], data[16:]))
     assert await stream.read_whole_frame(100, deadline=float("inf")) == b"a" * 10
@@ -54,7 +54,7 @@ async def test_read_whole_frame_joins_a_frame_that_arrives_in_pieces() -> None:
     assert await stream.read_whole_frame(100, deadline=float("inf")) is None  # the stream ended
 
 
-async def test_read_whole_frame_leaves_a_truncated_frame_for_read_frame() -> None:
+async def test_read_whole_frame_keeps_truncated_frame() -> None:
     stream = _ReadAhead(_Pieces(frame(b"c" * 10)[:8]))
     assert await stream.read_whole_frame(100, deadline=float("inf")) is None
     assert await stream.read(100) == frame(b"c" * 10)[:8]  # nothing was lost

@@ -860,7 +860,7 @@ def run() -> None:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
     except SystemExit as exc:
-        # typer turns Ctrl-C into a silent exit 130; say what happened.
+        # typer turns Ctrl-C into a silent exit 130, so print the reason here.
         if exc.code == 130 and isinstance(getattr(exc.__context__, "__cause__", None), KeyboardInterrupt):
             sys.stderr.write("interrupted\n")
         raise

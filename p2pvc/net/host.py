@@ -245,10 +245,10 @@ def _make_frame_writes_whole() -> None:
 async def _update_window_when_half_used(self: yamux_module.YamuxStream, *, bytes_read: int = 0) -> None:
     """Grant the peer more receive window only once half of it is used up (go-yamux's rule).
 
-    `bytes_read` is unused: the credit owed follows from the window and the
-    unread buffer. The sender never waits for credit already earned: when
-    it is blocked and the reader has emptied the buffer, the whole target
-    window is owed, which is at least the threshold.
+    `bytes_read` is unused, because the credit owed follows from the window
+    and the unread buffer. This cannot stall a sender: when it is blocked and
+    the reader has emptied the buffer, the whole target window is owed, which
+    is at least the threshold, so the reader's next read grants it.
     """
     del bytes_read
     increment = 0

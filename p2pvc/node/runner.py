@@ -227,8 +227,8 @@ async def clone(
     async with open_node_host(identity.seed, ["/ip4/127.0.0.1/tcp/0"]) as host:
         peer_id = await host.connect(address)
         # A whole id is asked for by itself; a prefix, as the commands print ids, is matched here.
-        wanted = bytes.fromhex(prefix) if prefix is not None and len(prefix) == 64 else None
-        records = await PeerClient(host.open_frame_stream, peer_id, b"\x00" * 32).repository_records(wanted)
+        requested = bytes.fromhex(prefix) if prefix is not None and len(prefix) == 64 else None
+        records = await PeerClient(host.open_frame_stream, peer_id, b"\x00" * 32).repository_records(requested)
         if prefix is not None:
             records = tuple(r for r in records if decode_repository(r).id.hex().startswith(prefix))
         if not records:

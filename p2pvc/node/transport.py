@@ -49,7 +49,7 @@ class _ReadAhead:
         return data
 
     def take_frame(self, max_size: int) -> bytearray | None:
-        """Remove and return the payload of the next frame if the buffer holds all of it, else None.
+        """Remove and return the payload of the next frame if the buffer contains all of it, else None.
 
         Saves the header and payload reads of `read_frame`, and their copies,
         for the frames that an earlier large read already brought in. A frame
@@ -67,7 +67,7 @@ class _ReadAhead:
         return payload
 
     async def read_whole_frame(self, max_size: int, deadline: float) -> bytearray | None:
-        """Read until the buffer holds the next whole frame and return its payload.
+        """Read until the buffer contains the next whole frame, and return its payload.
 
         Returns None, leaving what it read in the buffer, if the stream ends, fails
         or reaches `deadline` first, or if the frame is longer than `max_size`:
