@@ -9,6 +9,9 @@ folder on one disk:
   `sync FILE` (an fsync of the copy). p2pvc fsyncs its packs and `cp` does not,
   so both are shown, but every ratio divides by the plain `cp` median, because
   p2pvc's targets are defined against plain `cp`.
+- Floors (benchmarks/floor.py): BLAKE3 of the checkpoint on every CPU, and a
+  kernel copy of it while another thread hashes it. They show how close a
+  target is to the least work a verifying tool must do on this machine.
 - For each tool, these steps: init. Commit of the new checkpoint (v1). Commit
   of a fine-tune with about 10% of its tensor bytes changed (v2), and how much
   the store grew for it. Checkout of v2 into an empty folder from a copy of
@@ -70,6 +73,7 @@ logger = logging.getLogger("local_repo")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAKE_CHECKPOINT = REPO_ROOT / "scripts" / "make_checkpoint.py"
 REAL_INPUTS = REPO_ROOT / "scripts" / "real_inputs.py"
+FLOOR = REPO_ROOT / "benchmarks" / "floor.py"
 
 ALL_TOOLS = ("p2pvc", "dvc", "git-lfs")
 # Pinned so that runs on different days compare the same DVC.
@@ -88,6 +92,8 @@ STAT_CACHE_WAIT_S = 1.1
 # Names of the timed steps, in the order they run.
 STEP_CP = "cp"
 STEP_CP_SYNC = "cp + sync"
+STEP_FLOOR_HASH = "floor: hash"
+STEP_FLOOR_COPY = "floor: copy + hash"
 STEP_INIT = "init"
 STEP_COMMIT_V1 = "commit v1"
 STEP_COMMIT_V2 = "commit v2"
@@ -98,6 +104,8 @@ STEP_STATUS_AFTER_CHECKOUT = "status after checkout"
 STEP_ORDER = (
     STEP_CP,
     STEP_CP_SYNC,
+    STEP_FLOOR_HASH,
+    STEP_FLOOR_COPY,
     STEP_INIT,
     STEP_COMMIT_V1,
     STEP_COMMIT_V2,
@@ -961,8 +969,13 @@ def prepare_tools(
     return tools
 
 
-def bench_cp(run: Run, inputs: Inputs, repetition: int) -> None:
-    """Time the baselines: plain cp of the base checkpoint, and cp followed by an fsync of the copy."""
+def bench_cp(run: Run, inputs: Inputs, repetition: int, python: Path) -> None:
+    """Time the baselines: plain cp of the base checkpoint, cp followed by an fsync of the copy, and the floors.
+
+    The floors (benchmarks/floor.py) only hash the checkpoint, or copy and hash
+    it: no verifying tool can commit a changed file faster than the first, nor
+    commit a new one or check one out faster than the second.
+    """
     folder = run.work / "repetitions" / f"cp-{repetition}"
     folder.mkdir(parents=True)
     copy = folder / "copy.safetensors"
@@ -971,6 +984,11 @@ def bench_cp(run: Run, inputs: Inputs, repetition: int) -> None:
     # coreutils `sync FILE` fsyncs that one file, which is what p2pvc does for its packs.
     run.measure(
         "cp", STEP_CP_SYNC, repetition, [["cp", inputs.base, copy], ["sync", copy]], folder, reads=[inputs.base]
+    )
+    copy.unlink()
+    run.measure("cp", STEP_FLOOR_HASH, repetition, [[python, FLOOR, "hash", inputs.base]], folder, reads=[inputs.base])
+    run.measure(
+        "cp", STEP_FLOOR_COPY, repetition, [[python, FLOOR, "copy", inputs.base, copy]], folder, reads=[inputs.base]
     )
     shutil.rmtree(folder)
 
@@ -1327,7 +1345,7 @@ def run_repetitions(
 
     for repetition in range(repeat):
         logger.info("repetition %d of %d", repetition + 1, repeat)
-        bench_cp(run, inputs, repetition)
+        bench_cp(run, inputs, repetition, _script_interpreter(p2pvc))
         for tool, bench in tools.items():
             if tool in failed:
                 continue
