@@ -40,7 +40,7 @@ def copy_file(source: str, target: str) -> None:
         while remaining > 0:
             copied = os.copy_file_range(src.fileno(), dst.fileno(), min(remaining, COPY_STEP))
             if copied == 0:
-                raise OSError(f"{source} ended early: {remaining} bytes were still expected")
+                raise OSError(f"copying {source} failed: the file ended {remaining} bytes early")
             remaining -= copied
 
 

@@ -80,6 +80,14 @@ def two_commits(two_commits_template: RepoTemplate, worktree: Path, home: Path) 
 # init --------------------------------------------------------------------------------
 
 
+def test_version_matches_the_installed_package(cli: Cli) -> None:
+    from importlib.metadata import version
+
+    result = cli.ok("--version")
+    assert result.stdout == f"p2pvc {version('p2pvc')}\n"
+    assert "--version" in cli.ok("--help").stdout
+
+
 def test_init_json_fields(cli: Cli, worktree: Path) -> None:
     result = cli.json("init")
     assert result["path"] == str(worktree)

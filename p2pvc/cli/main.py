@@ -37,11 +37,26 @@ _state: dict[str, object] = {"dir": None}
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"p2pvc {version('p2pvc')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("p2pvc (not installed, version unknown)")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     directory: Annotated[
         Optional[Path], typer.Option("-C", help="Run as if started in this folder.", show_default=False)
     ] = None,
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", help="Print p2pvc's version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
 ) -> None:
     _state["dir"] = directory
 
