@@ -960,6 +960,26 @@ def test_fsck_json_flipped_byte(stored_repo: Cli, worktree: Path) -> None:
     assert problem["actual"] == actual
 
 
+def test_fsck_names_files_of_damaged_chunk(stored_repo: Cli, worktree: Path) -> None:
+    first = stored_repo.json("log")[0]["id"]
+    write_file(worktree / "notes.txt", b"unrelated\n")
+    second = stored_repo.commit("notes")
+    stored_repo.ok("branch", "old", first)
+    damage_chunk(worktree)
+
+    result = stored_repo.run("fsck", "--json")
+    assert result.returncode == EXIT_CORRUPTION, result.describe()
+    [affected] = result.json()["affected_files"]
+    assert affected["path"] == "data.bin"
+    assert affected["commits"] == [second, first]
+    assert sorted(affected["refs"]) == ["refs/heads/main", "refs/heads/old"]
+
+    text = stored_repo.run("fsck").stdout
+    assert "1 file version(s) need a damaged or missing object" in text
+    expected = f"  data.bin in {second[:12]} and 1 older commit(s); current in refs/heads/main, refs/heads/old"
+    assert expected in text.splitlines()
+
+
 def test_checkout_corrupt_chunk_fails(stored_repo: Cli, worktree: Path) -> None:
     chunk, actual = damage_chunk(worktree)
     clear_worktree(worktree)

@@ -801,6 +801,7 @@ def fsck(as_json: JsonOption = False) -> None:
                 "commits": report.commits,
                 "ref_updates": report.ref_updates,
                 "problems": [p.__dict__ for p in report.problems],
+                "affected_files": [a.__dict__ for a in report.affected],
             }
         )
     else:
@@ -808,6 +809,7 @@ def fsck(as_json: JsonOption = False) -> None:
             typer.echo(f"{p.kind} {p.object}: {p.message}")
             if p.expected is not None or p.actual is not None:
                 typer.echo(f"  expected {p.expected}\n  actual   {p.actual}")
+        _echo_affected(report.affected)
         typer.echo(
             f"checked {report.objects_checked} object(s), {output.human_bytes(report.bytes_checked)}, "
             f"{report.commits} commit(s), {report.ref_updates} ref update(s): "
@@ -815,6 +817,21 @@ def fsck(as_json: JsonOption = False) -> None:
         )
     if not report.ok:
         raise typer.Exit(5)
+
+
+AFFECTED_SHOWN = 20  # files listed as text; --json lists all
+
+
+def _echo_affected(affected) -> None:
+    if not affected:
+        return
+    typer.echo(f"{len(affected)} file version(s) need a damaged or missing object and cannot be checked out:")
+    for file in affected[:AFFECTED_SHOWN]:
+        older = f" and {len(file.commits) - 1} older commit(s)" if len(file.commits) > 1 else ""
+        current = f"; current in {', '.join(file.refs)}" if file.refs else ""
+        typer.echo(f"  {file.path} in {file.commits[0][:12]}{older}{current}")
+    if len(affected) > AFFECTED_SHOWN:
+        typer.echo(f"  ... and {len(affected) - AFFECTED_SHOWN} more (fsck --json lists them all)")
 
 
 @app.command()

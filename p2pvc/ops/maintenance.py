@@ -31,12 +31,23 @@ class Problem:
 
 
 @dataclass
+class AffectedFile:
+    """A version of a file or folder that cannot be restored, because an object it needs is damaged or missing."""
+
+    path: str  # relative, "/" separators; a folder ends in "/"
+    object: str  # hex id of its manifest (file) or tree (folder)
+    commits: list[str] = field(default_factory=list)  # hex ids of the commits that contain it, newest first
+    refs: list[str] = field(default_factory=list)  # refs (or "HEAD") whose current head contains it
+
+
+@dataclass
 class FsckReport:
     objects_checked: int = 0
     bytes_checked: int = 0
     commits: int = 0
     ref_updates: int = 0
     problems: list[Problem] = field(default_factory=list)
+    affected: list[AffectedFile] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -87,7 +98,109 @@ def fsck(repo: Repository, progress: Progress = NULL_PROGRESS) -> FsckReport:
                     continue
                 for oid, kind in _missing_reachable(repo, head.target):
                     report.problems.append(Problem("missing", oid.hex(), f"{kind} reachable from {state.name} is missing"))
+        damaged = {bytes.fromhex(p.object) for p in report.problems if p.kind in ("corrupt", "missing")}
+        if damaged:
+            report.affected = _affected_files(repo, damaged)
     return report
+
+
+def _affected_files(repo: Repository, damaged: set[bytes]) -> list[AffectedFile]:
+    """Return every file or folder version, in the history of every head, that needs a damaged object.
+
+    Each distinct tree and manifest is decoded once, so the walk costs about
+    as much as one pass over the stored history.
+    """
+    heads: dict[bytes, list[str]] = {}
+    for state in _ref_states_or_none(repo):
+        for head in state.heads:
+            if head.target is not None:
+                heads.setdefault(head.target, []).append(state.name)
+    name, detached = repo.head()
+    if name is None and detached is not None:
+        heads.setdefault(detached, []).append("HEAD")
+
+    bad_below: dict[bytes, list[tuple[str, bytes]]] = {}  # tree id -> (relative path, object id) needing a damaged object
+    bad_manifest: dict[bytes, bool] = {}
+    found: dict[tuple[str, bytes], tuple[AffectedFile, list[tuple[int, str]]]] = {}
+    seen: set[bytes] = set()
+    stack = list(heads)
+    while stack:
+        commit_id = stack.pop()
+        if commit_id in seen or commit_id in damaged:
+            continue  # a damaged commit is a problem of its own, and its history cannot be read
+        seen.add(commit_id)
+        try:
+            commit = repo.store.get_object(commit_id)
+        except CorruptionError:
+            continue
+        if not isinstance(commit, model.Commit):
+            continue
+        stack.extend(commit.parents)
+        for path, oid in _bad_paths(repo, commit.tree, damaged, bad_below, bad_manifest):
+            path = path or "/"  # the root tree itself
+            affected, commits = found.setdefault((path, oid), (AffectedFile(path, oid.hex()), []))
+            commits.append((commit.time_ms, commit_id.hex()))
+            affected.refs.extend(r for r in heads.get(commit_id, ()) if r not in affected.refs)
+    result = []
+    for affected, commits in found.values():
+        affected.commits = [hex_id for _time, hex_id in sorted(commits, reverse=True)]
+        affected.refs.sort()
+        result.append(affected)
+    return sorted(result, key=lambda a: a.path)
+
+
+def _ref_states_or_none(repo: Repository):
+    try:
+        return repo.ref_states()
+    except CorruptionError:
+        return []  # already reported as a bad ref update
+
+
+def _bad_paths(
+    repo: Repository,
+    tree_id: bytes,
+    damaged: set[bytes],
+    bad_below: dict[bytes, list[tuple[str, bytes]]],
+    bad_manifest: dict[bytes, bool],
+) -> list[tuple[str, bytes]]:
+    """Return (path relative to the tree, object id) of each version below `tree_id` that needs a damaged object."""
+    cached = bad_below.get(tree_id)
+    if cached is not None:
+        return cached
+    if tree_id in damaged:
+        bad_below[tree_id] = [("", tree_id)]
+        return bad_below[tree_id]
+    try:
+        tree = repo.store.get_object(tree_id)
+    except CorruptionError:
+        tree = None
+    result: list[tuple[str, bytes]] = []
+    if isinstance(tree, model.Tree):
+        for entry in tree.entries:
+            name = os.fsdecode(entry.name)
+            if entry.kind == ENTRY_DIR:
+                for sub, oid in _bad_paths(repo, entry.target, damaged, bad_below, bad_manifest):
+                    result.append((f"{name}/{sub}", oid))
+            elif entry.kind == ENTRY_FILE and _manifest_is_bad(repo, entry.target, damaged, bad_manifest):
+                result.append((name, entry.target))
+    bad_below[tree_id] = result
+    return result
+
+
+def _manifest_is_bad(repo: Repository, manifest_id: bytes, damaged: set[bytes], bad_manifest: dict[bytes, bool]) -> bool:
+    known = bad_manifest.get(manifest_id)
+    if known is not None:
+        return known
+    if manifest_id in damaged:
+        bad = True
+    else:
+        try:
+            manifest = repo.store.get_object(manifest_id)
+        except CorruptionError:
+            manifest = None
+        bad = isinstance(manifest, model.Manifest) and any(c.id in damaged for c in manifest.chunks)
+    bad_manifest[manifest_id] = bad
+    return bad
 
 
 def _missing_reachable(repo: Repository, start: bytes) -> Iterator[tuple[bytes, str]]:
