@@ -980,6 +980,29 @@ def test_fsck_names_files_of_damaged_chunk(stored_repo: Cli, worktree: Path) -> 
     assert expected in text.splitlines()
 
 
+def test_fsck_repair_then_add_restores(stored_repo: Cli, worktree: Path) -> None:
+    damage_chunk(worktree)
+    repaired = stored_repo.run("fsck", "--repair", "--json")
+    assert repaired.returncode == EXIT_CORRUPTION, repaired.describe()
+    assert repaired.json()["forgotten"] == 1
+    missing = stored_repo.run("fsck", "--json")
+    assert [p["kind"] for p in missing.json()["problems"]] == ["missing"]
+
+    # status must not record the file as stored while its chunk is missing, or add would skip it.
+    assert stored_repo.json("status")["changes"] == []
+    stored_repo.ok("add", "data.bin")
+    assert stored_repo.json("fsck")["ok"] is True
+    clear_worktree(worktree)
+    stored_repo.ok("checkout", "--force", "main")
+    assert (worktree / "data.bin").read_bytes() == random_bytes(200 * KIB, "fsck")
+
+
+def test_fsck_repair_clean_repository(stored_repo: Cli) -> None:
+    report = stored_repo.json("fsck", "--repair")
+    assert report["ok"] is True
+    assert report["forgotten"] == 0
+
+
 def test_checkout_corrupt_chunk_fails(stored_repo: Cli, worktree: Path) -> None:
     chunk, actual = damage_chunk(worktree)
     clear_worktree(worktree)

@@ -547,6 +547,28 @@ def test_corrupt_chunk_completed_from_honest_peer(make_node):
     assert server_bad.stop() <= STOP_LIMIT_S
 
 
+def test_fsck_repair_then_sync_replaces_damaged_chunk(make_node):
+    origin, replica = make_node("origin"), make_node("replica")
+    create_origin(origin, origin_files())
+    origin.copy_to(replica)
+    damaged = flip_chunk_byte(replica.root, replica.home)
+    assert fsck(replica).returncode == 5
+
+    repaired = replica.run("fsck", "--repair", "--json")
+    assert repaired.returncode == 5, repaired.describe()
+    assert repaired.json()["forgotten"] == 1
+    [affected] = repaired.json()["affected_files"]
+    assert affected["path"] == "weights/layer0.bin"
+    server = origin.serve()
+    result = replica.run("sync", "--json", server.address)
+
+    assert result.returncode == 0, result.describe()
+    assert damaged in chunk_ids(replica.root, replica.home)
+    fsck_result = fsck(replica)
+    assert fsck_result.returncode == 0, fsck_result.describe()
+    assert server.stop() <= STOP_LIMIT_S
+
+
 def test_corrupt_push_reported_to_pusher(make_node):
     receiver, pusher = make_node("receiver"), make_node("pusher")
     create_origin(receiver, {"README.md": b"text only, so every chunk is compressed\n"})

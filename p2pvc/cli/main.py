@@ -786,12 +786,21 @@ app.add_typer(peer_app, name="peer")
 
 
 @app.command()
-def fsck(as_json: JsonOption = False) -> None:
+def fsck(
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Drop corrupt records from the index, so fetch, sync or add can store good copies again.",
+        ),
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
     """Rehash every stored object and verify every signature; name anything corrupt."""
     from p2pvc.ops.maintenance import fsck as run_fsck
 
     repo = _open()
-    report = run_fsck(repo, _progress())
+    report = run_fsck(repo, _progress(), repair=repair)
     if as_json:
         output.emit_json(
             {
@@ -802,6 +811,7 @@ def fsck(as_json: JsonOption = False) -> None:
                 "ref_updates": report.ref_updates,
                 "problems": [p.__dict__ for p in report.problems],
                 "affected_files": [a.__dict__ for a in report.affected],
+                "forgotten": report.forgotten,
             }
         )
     else:
@@ -815,6 +825,14 @@ def fsck(as_json: JsonOption = False) -> None:
             f"{report.commits} commit(s), {report.ref_updates} ref update(s): "
             + ("no problems" if report.ok else f"{len(report.problems)} problem(s)")
         )
+        if report.repaired:
+            typer.echo(
+                f"repair: dropped {report.forgotten} corrupt record(s) from the index. To store good copies of what "
+                "is damaged or missing, run `p2pvc sync` or `p2pvc fetch REV` with a peer that has them, or `p2pvc add PATH` "
+                "for a file whose copy in the working tree is intact."
+            )
+        elif not report.ok and any(p.kind == "corrupt" for p in report.problems):
+            typer.echo("hint: run `p2pvc fsck --repair` so that sync, fetch or add can replace the corrupt records")
     if not report.ok:
         raise typer.Exit(5)
 

@@ -17,6 +17,8 @@ from p2pvc.refs.records import decode_ref_update
 from p2pvc.repo import Repository
 from p2pvc.store.objectstore import remove_file
 from p2pvc.store.pack import KIND_CHUNK, PACK_MAGIC, RECORD_HEADER, fsync_dir
+from p2pvc.sync.state import SyncState
+from p2pvc.worktree.statcache import StatCache
 
 # fsck ----------------------------------------------------------------------------
 
@@ -48,17 +50,24 @@ class FsckReport:
     ref_updates: int = 0
     problems: list[Problem] = field(default_factory=list)
     affected: list[AffectedFile] = field(default_factory=list)
+    repaired: bool = False  # whether a repair ran and found something to drop
+    forgotten: int = 0  # corrupt records dropped from the index by a repair
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def fsck(repo: Repository, progress: Progress = NULL_PROGRESS) -> FsckReport:
+def fsck(repo: Repository, progress: Progress = NULL_PROGRESS, *, repair: bool = False) -> FsckReport:
     """Rehash every stored record, decode every object, verify every signature,
-    and check that everything the refs reach is present."""
+    and check that everything the refs reach is present.
+
+    With `repair`, also drop the index rows of corrupt records (see
+    `_forget_corrupt`). That needs the exclusive lock, like gc, because a
+    writer that found a record indexed relies on it staying there.
+    """
     report = FsckReport()
-    with repo.lock():
+    with repo.lock(exclusive=repair):
         entries = list(repo.store.iter_entries())
         progress.start("checking", sum(e.stored_size for e in entries))
         try:
@@ -101,7 +110,36 @@ def fsck(repo: Repository, progress: Progress = NULL_PROGRESS) -> FsckReport:
         damaged = {bytes.fromhex(p.object) for p in report.problems if p.kind in ("corrupt", "missing")}
         if damaged:
             report.affected = _affected_files(repo, damaged)
+        if repair and (report.affected or report.problems):
+            report.forgotten = _forget_corrupt(repo, report)
+            report.repaired = bool(report.forgotten or report.affected)
     return report
+
+
+def _forget_corrupt(repo: Repository, report: FsckReport) -> int:
+    """Drop the index rows of corrupt records and the stat-cache rows of the files that need a damaged object.
+
+    A corrupt record can never be read, but while its row exists every write
+    takes the object as stored and never stores a good copy. Without the row,
+    the object is missing: fetch or sync gets it again from a peer, and add or
+    commit stores it again from an intact file in the working tree, which
+    they reread because its stat-cache row is gone. The damaged bytes stay
+    in the pack until gc rewrites it. Returns the number of records dropped.
+    """
+    corrupt = [(bytes.fromhex(p.object),) for p in report.problems if p.kind == "corrupt"]
+    manifests = [(bytes.fromhex(a.object),) for a in report.affected]
+    if not corrupt and not manifests:
+        return 0
+    # Both create their tables if no command has yet.
+    StatCache(repo.db)
+    SyncState(repo.db)
+    with repo.db.write() as conn:
+        conn.executemany("DELETE FROM objects WHERE id = ?", corrupt)
+        conn.executemany("DELETE FROM stat_cache WHERE manifest = ?", manifests)
+        # A pull skips the history of a commit marked complete, so no mark may outlive
+        # a dropped object; the next pull walks the history once and marks again.
+        conn.execute("DELETE FROM complete_commits")
+    return len(corrupt)
 
 
 def _affected_files(repo: Repository, damaged: set[bytes]) -> list[AffectedFile]:

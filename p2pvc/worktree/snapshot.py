@@ -79,13 +79,19 @@ def capture(
             cache.record(path, stat, manifest_id)
         else:
             manifest_id = model.hash_object(manifest)[0]
-            if store.has(manifest_id):
+            if store.has(manifest_id) and _chunks_stored(store, manifest):
                 # Content already stored (a racy row refreshed, or a file reverted): remember it,
-                # so the next status does not read the file again.
+                # so the next status does not read the file again. A row for content with a chunk
+                # missing (dropped by fsck --repair) would stop add and commit from storing it again.
                 cache.record(path, stat, manifest_id)
         result.manifests[path] = manifest
         result.flat[path] = (ENTRY_FILE, entry.executable, manifest_id, manifest.size)
     return result
+
+
+def _chunks_stored(store: ObjectStore, manifest: Manifest) -> bool:
+    ids = list({c.id for c in manifest.chunks})
+    return len(store.has_many(ids)) == len(ids)
 
 
 def _read_file(root: Path, path: bytes, previous: FlatTree, store: ObjectStore, ingester: Ingester, result: Capture):
