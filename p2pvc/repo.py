@@ -274,11 +274,22 @@ class Repository:
             if target is None:
                 raise UserError(f"HEAD ({name}) has no commits yet", hint="run p2pvc commit first")
             return target
-        for name in (base, BRANCH_PREFIX + base, TAG_PREFIX + base):
-            if name.startswith("refs/"):
-                state = self.ref_state(name)
-                if state is not None and state.target is not None:
-                    return state.target
+        if base.startswith("refs/"):
+            state = self.ref_state(base)
+            if state is not None and state.target is not None:
+                return state.target
+        else:
+            branch, tag = self.ref_state(BRANCH_PREFIX + base), self.ref_state(TAG_PREFIX + base)
+            branch_target = branch.target if branch is not None else None
+            tag_target = tag.target if tag is not None else None
+            if branch_target is not None and tag_target is not None and branch_target != tag_target:
+                # Peers can create both under one name (p2pvc itself refuses to): never pick one silently.
+                raise UserError(
+                    f"revision {rev!r} is ambiguous: {base} is both a branch and a tag",
+                    hint=f"write {BRANCH_PREFIX}{base} or {TAG_PREFIX}{base}",
+                )
+            if branch_target is not None or tag_target is not None:
+                return branch_target or tag_target  # type: ignore[return-value]
         if re.fullmatch(r"[0-9a-fA-F]{4,64}", base):
             return self._resolve_prefix(base.lower(), rev)
         raise UserError(f"unknown revision {rev!r}", hint="use a branch, a tag or a commit id (p2pvc log lists them)")

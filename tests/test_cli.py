@@ -912,6 +912,40 @@ def test_tag_bad_input_fails(two_commits, args: tuple[str, ...]) -> None:
     cli.fail(EXIT_USER, "tag", *args)
 
 
+def test_branch_named_like_tag_fails(two_commits) -> None:
+    cli, first, second = two_commits
+    cli.ok("tag", "v1.0.0", first)
+    result = cli.fail(EXIT_USER, "branch", "v1.0.0", second)
+    assert "v1.0.0 is already a tag" in result.stderr
+    assert cli.json("show", "v1.0.0")["id"] == first
+
+
+def test_tag_named_like_branch_fails(two_commits) -> None:
+    cli, first, second = two_commits
+    result = cli.fail(EXIT_USER, "tag", "main", first)
+    assert "main is already a branch" in result.stderr
+    assert cli.json("show", "main")["id"] == second
+
+
+@pytest.mark.parametrize("command", ["branch", "tag"])
+def test_name_like_commit_id_fails(two_commits, command: str) -> None:
+    cli, first, _second = two_commits
+    result = cli.fail(EXIT_USER, command, first[:8])
+    assert "looks like an abbreviated commit id" in result.stderr
+
+
+def test_branch_and_tag_same_name_ambiguous(two_commits, worktree: Path) -> None:
+    """A peer's records can create both; a revision must then name one explicitly."""
+    cli, first, second = two_commits
+    with open_repository(worktree) as repo:
+        repo.set_ref("refs/tags/v2", bytes.fromhex(first), expected=None)
+        repo.set_ref("refs/heads/v2", bytes.fromhex(second), expected=None)
+    result = cli.fail(EXIT_USER, "checkout", "v2")
+    assert "is both a branch and a tag" in result.stderr
+    assert cli.json("show", "refs/tags/v2")["id"] == first
+    assert cli.json("show", "refs/heads/v2")["id"] == second
+
+
 # fsck --------------------------------------------------------------------------------------------------
 
 

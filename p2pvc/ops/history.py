@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from p2pvc.errors import UserError
@@ -141,7 +142,24 @@ def _checked_short_name(kind: str, name: str) -> str:
             f"invalid {kind} name {name!r}",
             hint="use letters, digits and . _ - + @ =, with / between parts, not starting with . or -",
         )
+    if re.fullmatch(r"[0-9a-fA-F]{4,64}", name):
+        # A revision that names a ref never reaches the commit ids it looks like.
+        raise UserError(
+            f"invalid {kind} name {name!r}: it looks like an abbreviated commit id",
+            hint="add a letter that is not a hex digit, for example v" + name,
+        )
     return name
+
+
+def _check_name_free(repo: Repository, name: str, other_prefix: str, other_kind: str) -> None:
+    """Reject a new branch or tag that has the name of an existing tag or branch.
+
+    Revisions look a short name up as a branch first, so a branch named like a
+    tag would hide the tag, and `checkout v1.0.0` would stop rolling back.
+    """
+    state = repo.ref_state(other_prefix + name)
+    if state is not None and not state.deleted:
+        raise UserError(f"{name} is already a {other_kind}", hint="choose a name that no branch or tag has")
 
 
 def create_branch(repo: Repository, name: str, rev: str = "HEAD") -> bytes:
@@ -149,6 +167,7 @@ def create_branch(repo: Repository, name: str, rev: str = "HEAD") -> bytes:
     state = repo.ref_state(full)
     if state is not None and not state.deleted:
         raise UserError(f"branch {name} already exists", hint=f"switch to it with: p2pvc switch {name}")
+    _check_name_free(repo, name, TAG_PREFIX, "tag")
     target = repo.resolve(rev)
     repo.set_ref(full, target, expected=None)
     return target
@@ -184,6 +203,7 @@ def create_tag(repo: Repository, name: str, rev: str = "HEAD") -> bytes:
     state = repo.ref_state(full)
     if state is not None and not state.deleted:
         raise UserError(f"tag {name} already exists and tags never move", hint="choose a new tag name")
+    _check_name_free(repo, name, BRANCH_PREFIX, "branch")
     target = repo.resolve(rev)
     repo.set_ref(full, target, expected=None)
     return target
