@@ -1037,6 +1037,21 @@ def test_fsck_repair_clean_repository(stored_repo: Cli) -> None:
     assert report["forgotten"] == 0
 
 
+def test_checkout_failure_names_partial_change(stored_repo: Cli, worktree: Path) -> None:
+    first = stored_repo.json("log")[0]["id"]
+    (worktree / "data.bin").unlink()
+    write_file(worktree / "notes.txt", b"notes\n")
+    stored_repo.commit("replace data with notes")
+    damage_chunk(worktree)
+
+    result = stored_repo.fail(EXIT_CORRUPTION, "checkout", first)
+    assert "the working tree is partly changed (1 path(s) already removed or written)" in result.stderr
+    assert "HEAD still names main: `p2pvc checkout --force main` goes back to it" in result.stderr
+    assert not (worktree / "notes.txt").exists()
+    stored_repo.ok("checkout", "--force", "main")
+    assert (worktree / "notes.txt").read_bytes() == b"notes\n"
+
+
 def test_checkout_corrupt_chunk_fails(stored_repo: Cli, worktree: Path) -> None:
     chunk, actual = damage_chunk(worktree)
     clear_worktree(worktree)

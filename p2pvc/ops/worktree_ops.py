@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from p2pvc.errors import ConflictError, CorruptionError, UserError
+from p2pvc.errors import ConflictError, CorruptionError, P2pvcError, UserError
 from p2pvc.objects import model
 from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.refs.records import BRANCH_PREFIX
@@ -223,7 +223,13 @@ def checkout(repo: Repository, rev: str, *, force: bool = False, progress: Progr
         scanned = scan(repo.worktree)
         work = _capture(repo, scanned, base_flat, store_content=False, progress=progress, label="checking")
         the_plan = co.plan(state_of(base_flat), work.flat, state_of(target_flat), force=force)
-        applied = apply_plan(repo, the_plan, progress)
+        try:
+            applied = apply_plan(repo, the_plan, progress)
+        except P2pvcError as exc:
+            back = _current_revision(repo)
+            if getattr(exc, "partial_paths", 0) and back is not None:
+                exc.hint = f"{exc.hint}. HEAD still names {back}: `p2pvc checkout --force {back}` goes back to it"
+            raise
         repo.set_head(branch if branch else target_id, worktree_base=target_id)
     return CheckoutResult(target_id, branch, applied)
 
@@ -294,6 +300,16 @@ def _require_content(repo: Repository, commit_id: bytes, rev: str) -> None:
                     f"the content of {rev} has not been fetched: this is a history-only clone",
                     hint="run p2pvc sync --content to fetch file content from your peers",
                 )
+
+
+def _current_revision(repo: Repository) -> str | None:
+    """Return what a user types to name HEAD's commit: its branch, or the abbreviated id when detached."""
+    ref, head_id = repo.head()
+    if ref is not None and head_id is not None:
+        return ref.removeprefix(BRANCH_PREFIX)
+    if head_id is not None:
+        return head_id.hex()[:12]
+    return None
 
 
 def _branch_named(repo: Repository, rev: str) -> str | None:

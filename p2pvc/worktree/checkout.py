@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2pvc.errors import ConflictError, CorruptionError, StorageError
+from p2pvc.errors import ConflictError, CorruptionError, P2pvcError, StorageError
 from p2pvc.objects import model
 from p2pvc.objects.chunker import MAX_CHUNK
 from p2pvc.objects.ids import chunk_id
@@ -214,11 +214,24 @@ def apply(
         for path, entry in the_plan.writes:
             _write(tree, path, entry, store, cache, umask, result, progress, pool)
     except OSError as exc:
-        raise StorageError(f"checkout failed at {exc.filename or root}: {exc.strerror}") from exc
+        error = StorageError(f"checkout failed at {exc.filename or root}: {exc.strerror}")
+        raise _note_partial(error, result) from exc
+    except P2pvcError as exc:
+        raise _note_partial(exc, result)
     finally:
         pool.shutdown(wait=True)
         tree.close()
     return result
+
+
+def _note_partial(error: P2pvcError, result: ApplyResult) -> P2pvcError:
+    """Tell the user when a failed apply had already changed the tree; sets `error.partial_paths`."""
+    changed = result.removed + result.files_written
+    error.partial_paths = changed  # type: ignore[attr-defined]
+    if changed:
+        note = f"the working tree is partly changed ({changed} path(s) already removed or written)"
+        error.hint = f"{note}; {error.hint}" if error.hint else note
+    return error
 
 
 def _remove(tree: _SafeTree, path: bytes, result: ApplyResult) -> None:
