@@ -1037,6 +1037,19 @@ def test_fsck_repair_clean_repository(stored_repo: Cli) -> None:
     assert report["forgotten"] == 0
 
 
+def test_leaving_detached_commit_warns(two_commits, worktree: Path) -> None:
+    cli, first, _second = two_commits
+    cli.ok("checkout", first)
+    assert "warning" not in cli.ok("switch", "main").stderr  # main reaches the first commit
+
+    cli.ok("checkout", first)
+    (worktree / "a").write_text("detached work")
+    detached = cli.commit("on a detached HEAD")
+    result = cli.ok("switch", "main")
+    assert f"warning: no branch or tag reaches commit {detached[:12]}" in result.stderr
+    assert f"p2pvc branch NAME {detached[:12]}" in result.stderr
+
+
 def test_checkout_failure_names_partial_change(stored_repo: Cli, worktree: Path) -> None:
     first = stored_repo.json("log")[0]["id"]
     (worktree / "data.bin").unlink()

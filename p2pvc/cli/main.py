@@ -269,6 +269,13 @@ def checkout(
     )
     for folder in applied.kept_folders:
         typer.echo(f"kept folder {output.path_text(folder)}: it contains untracked files", err=True)
+    if result.left_behind is not None:
+        short = result.left_behind.hex()[:12]
+        typer.echo(
+            f"warning: no branch or tag reaches commit {short}, which HEAD named before, so gc would remove it\n"
+            f"hint: to keep it, run: p2pvc branch NAME {short}",
+            err=True,
+        )
 
 
 app.command("switch", help="Same as checkout.")(checkout)

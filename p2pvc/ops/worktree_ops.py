@@ -211,6 +211,7 @@ class CheckoutResult:
     commit: bytes
     ref: str | None  # branch now followed by HEAD, None when detached
     applied: co.ApplyResult
+    left_behind: bytes | None = None  # the detached commit HEAD left, when no ref reaches it any more
 
 
 def checkout(repo: Repository, rev: str, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> CheckoutResult:
@@ -230,8 +231,23 @@ def checkout(repo: Repository, rev: str, *, force: bool = False, progress: Progr
             if getattr(exc, "partial_paths", 0) and back is not None:
                 exc.hint = f"{exc.hint}. HEAD still names {back}: `p2pvc checkout --force {back}` goes back to it"
             raise
+        left_behind = _unreferenced_detached_head(repo, target_id)
         repo.set_head(branch if branch else target_id, worktree_base=target_id)
-    return CheckoutResult(target_id, branch, applied)
+    return CheckoutResult(target_id, branch, applied, left_behind)
+
+
+def _unreferenced_detached_head(repo: Repository, target_id: bytes) -> bytes | None:
+    """Return HEAD's commit if HEAD is detached and neither a ref nor `target_id` reaches it, else None.
+
+    Such a commit (made on a detached HEAD) is removed by the next gc once HEAD moves away.
+    """
+    ref, head_id = repo.head()
+    if ref is not None or head_id is None:
+        return None
+    tips = [target_id, *(h.target for s in repo.ref_states() for h in s.heads if h.target is not None)]
+    if any(repo.is_ancestor(head_id, tip) for tip in tips):
+        return None
+    return head_id
 
 
 def restore(repo: Repository, paths: list[str], source: str = "HEAD", progress: Progress = NULL_PROGRESS) -> co.ApplyResult:

@@ -199,10 +199,11 @@ def apply(
     progress: Callable[[int], None] | None = None,
 ) -> ApplyResult:
     if the_plan.blocked:
+        first, reason = the_plan.blocked[0]
         raise ConflictError(
-            f"checkout would overwrite uncommitted changes in {len(the_plan.blocked)} path(s), "
-            f"first: {os.fsdecode(the_plan.blocked[0][0])}",
-            hint="commit them, or use --force to discard them",
+            f"checkout would overwrite uncommitted or untracked work in {len(the_plan.blocked)} path(s), "
+            f"first: {os.fsdecode(first)} ({reason})",
+            hint="commit it, move it away, or use --force to discard it",
         )
     result = ApplyResult()
     umask = _umask()
