@@ -118,7 +118,8 @@ def test_three_nodes_converge(make_node):
         node.ok("clone", server_a.address, str(node.root))
         add_member(a, node)
     for node in (b, c):
-        node.ok("sync", server_a.address)
+        synced = node.ok("sync", server_a.address)
+        assert "membership record(s) applied" in synced.stdout, synced.describe()
 
     b.ok("branch", "feature-b")
     b.ok("switch", "feature-b")

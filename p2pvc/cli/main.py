@@ -651,6 +651,7 @@ def _sync_json(result) -> dict:
                 if r.pulled is None
                 else {
                     "updates_applied": r.pulled.updates_applied,
+                    "members_applied": r.pulled.members_applied,
                     "objects_fetched": r.pulled.objects_fetched,
                     "chunks_fetched": r.pulled.chunks_fetched,
                     "bytes_fetched": r.pulled.bytes_fetched,
@@ -674,9 +675,10 @@ def _print_sync(result) -> None:
             typer.echo(f"{r.peer}: failed: {r.error}")
             continue
         pulled = r.pulled
+        members = f"; {pulled.members_applied} membership record(s) applied" if pulled.members_applied else ""
         typer.echo(
             f"{r.peer}: fetched {pulled.objects_fetched} object(s), {pulled.chunks_fetched} chunk(s), "
-            f"{output.human_bytes(pulled.bytes_fetched)}; pushed {r.pushed_records} record(s)"
+            f"{output.human_bytes(pulled.bytes_fetched)}{members}; pushed {r.pushed_records} record(s)"
         )
         for c in pulled.changes:
             old = c.old.hex()[:12] if c.old else "(new)"
@@ -723,7 +725,8 @@ def clone(
         run_checkout(repo, "main", force=True)
     typer.echo(f"Cloned repository {repo.id.hex()[:12]} into {repo.worktree}")
     if report.pulled:
-        typer.echo(f"  {len(repo.refs.names())} ref(s), {output.human_bytes(report.pulled.bytes_fetched)} fetched")
+        live_refs = sum(1 for state in repo.ref_states() if not state.deleted)
+        typer.echo(f"  {live_refs} ref(s), {output.human_bytes(report.pulled.bytes_fetched)} fetched")
     if repo.identity.public_key not in repo.refs.members().current:
         typer.echo(
             "  You are not a member yet: send the key from `p2pvc id` to a member, who runs "

@@ -91,7 +91,8 @@ class Node:
                 await self._announce_new(repo, exclude=peer_id)
             if push:
                 report.pushed_records = await self._push(client, repo)
-            SyncState(repo.db).record_contact(peer_id, error=None, refs=len(repo.refs.names()))
+            live_refs = sum(1 for state in repo.ref_states() if not state.deleted)  # deleted branches keep records
+            SyncState(repo.db).record_contact(peer_id, error=None, refs=live_refs)
         except (P2pvcError, m.ProtocolViolation) as exc:
             text = exc.message if isinstance(exc, P2pvcError) else f"protocol violation: {exc}"
             report.error = text
