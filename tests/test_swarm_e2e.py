@@ -300,6 +300,7 @@ def test_whereis_shows_each_peers_share(checkpoint, make_node):
     assert rows[partial.peer_id] == {"peer": partial.peer_id, "complete": True, "bytes": PARTIAL_BYTES}
     assert rows["this node"]["bytes"] == 0
     assert seeding.stop() <= STOP_LIMIT_S
+    assert f"listening on {partial_address}" in seeding.result().stderr.splitlines()
     assert server.stop() <= STOP_LIMIT_S
 
 

@@ -106,7 +106,14 @@ def fetch(
             if applied is not None:
                 typer.echo(f"Checked out {applied.files_written} file(s) into {checkout_dir}")
         if seed:
+            for address in listening:
+                typer.echo(f"listening on {address}", err=True)
             typer.echo("Seeding until Ctrl-C or SIGTERM", err=True)
+
+    listening: list[str] = []
+
+    def ready(addresses: list[str], _peer_id: str) -> None:
+        listening.extend(addresses)
 
     trio.run(
         lambda: runner.fetch(
@@ -120,6 +127,7 @@ def fetch(
             upload_limit=upload_limit * 2**20 or None,
             progress=progress,
             on_done=done,
+            on_ready=ready,
         )
     )
 

@@ -113,9 +113,11 @@ async def fetch(
     upload_limit: float | None = None,
     progress: Progress = NULL_PROGRESS,
     on_done: Callable[[object], None] | None = None,
+    on_ready: Callable[[list[str], str], None] | None = None,
 ):
     """Fetch `rev` from every reachable peer while serving what arrives; with `seed`, keep serving after.
 
+    `on_ready` gets the listen addresses and peer id once the node listens.
     `on_done` runs on a worker thread once the content is stored, before the seeding.
     """
     from p2pvc.node import fetch as fetching
@@ -125,6 +127,8 @@ async def fetch(
         raise UserError("no peers to fetch from", hint="pass --peer ADDRESS, or add one with p2pvc peer add ADDRESS")
     async with running_node([repo], listen, progress=progress, upload_limit=upload_limit) as node:
         node.pulls_enabled = False  # serve while fetching, but let only this fetch write
+        if on_ready is not None:
+            on_ready(node.host.listen_addresses(), node.host.peer_id)
         report = await fetching.fetch(node, repo, rev, paths, targets, progress=progress, peer_exchange=peer_exchange)
         if on_done is not None:
             # On a worker thread, so the node keeps serving while it runs (a checkout, say).
