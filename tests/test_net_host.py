@@ -241,10 +241,18 @@ async def test_connect_to_closed_port_fails() -> None:
         address = server.listen_addrs[0]
     async with open_host(seed(2), None) as client:
         started = time.monotonic()
-        with pytest.raises(ConnectError, match=str(server.peer_id)):
+        with pytest.raises(ConnectError, match=f"nothing accepted a connection for peer {server.peer_id}"):
             await client.connect(address, timeout=5.0)
 
         assert time.monotonic() - started < 5.0
+
+
+async def test_connect_wrong_peer_id_names_it() -> None:
+    async with open_host(seed(1), LOCAL) as server, open_host(seed(2), None) as client:
+        other = peer_id_of(seed(3))
+        where = str(server.listen_addrs[0]).split("/p2p/")[0]
+        with pytest.raises(ConnectError, match=f"the node at {where} is not peer {other}"):
+            await client.connect(f"{where}/p2p/{other}", timeout=10.0)
 
 
 async def test_libp2p_logging_routed_through_application() -> None:

@@ -618,7 +618,7 @@ def sync(
         synced = len(result.reports) - len(failed)
         raise PeerError(
             f"could not sync with {len(names)} peer(s): {', '.join(names)}",
-            hint=f"the other {synced} peer(s) were synced" if synced else "check that p2pvc serve runs at that address",
+            hint=f"the other {synced} peer(s) were synced" if synced else "the line of each peer above says why",
         )
 
 

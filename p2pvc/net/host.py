@@ -82,7 +82,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 
 import libp2p
@@ -96,7 +96,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair as create_ed25519_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.exceptions import BaseLibp2pError
+from libp2p.exceptions import BaseLibp2pError, MultiError
 from libp2p.host.basic_host import BasicHost
 from libp2p.io.abc import ReadWriteCloser
 from libp2p.io.exceptions import IOException
@@ -107,10 +107,12 @@ from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.exceptions import PeerIDMismatchesPubkey
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.exceptions import OpenConnectionError
 from libp2p.transport.tcp.tcp import TCP
 from multiaddr import Multiaddr
 
@@ -509,10 +511,7 @@ class Host:
                 hint="check that the peer is running and that its address and port are reachable",
             ) from exc
         except (BaseLibp2pError, OSError) as exc:
-            raise ConnectError(
-                f"connecting to peer {peer_id} at {address} failed: {_describe(exc)}",
-                hint="check that the peer is running and that its address and port are reachable",
-            ) from exc
+            raise _connect_error(exc, peer_id, str(address)) from exc
         logger.debug("connected to peer %s at %s", peer_id, address)
         return peer_id
 
@@ -578,6 +577,52 @@ class Host:
             logger.warning(message, protocol_id, stream_peer_id(stream), exc, note)
         else:
             logger.error(message, protocol_id, stream_peer_id(stream), _describe(exc), note, exc_info=exc)
+
+
+def _connect_error(exc: BaseException, peer_id: ID, address: str) -> ConnectError:
+    """Turn py-libp2p's dial error into one line that names the likely fault.
+
+    The dial error only reports that no address worked. Its causes (a chain, with
+    a MultiError per address) tell a refused TCP connection from a node that
+    answered with another key than the peer id names, which is what a wrong
+    peer id at the right host and port gives.
+    """
+    causes = list(_causes(exc))
+    where = address.split("/p2p/")[0]
+    if any(isinstance(c, PeerIDMismatchesPubkey) for c in causes):
+        return ConnectError(
+            f"the node at {where} is not peer {peer_id}: its Noise handshake proved another key; "
+            "check the peer id at the end of the address (`p2pvc id` on that node prints it)"
+        )
+    if any(isinstance(c, OpenConnectionError) for c in causes):
+        return ConnectError(
+            f"nothing accepted a connection for peer {peer_id} at {where}; "
+            "check that p2pvc serve runs there on that port"
+        )
+    return ConnectError(
+        f"connecting to peer {peer_id} at {address} failed: {_describe(exc)}",
+        hint="check that the peer is running and that its address and port are reachable",
+    )
+
+
+def _causes(exc: BaseException, limit: int = 32) -> Iterator[BaseException]:
+    """Yield `exc`, its causes and the members of any MultiError or exception group among them."""
+    pending = [exc]
+    seen: set[int] = set()
+    while pending and len(seen) < limit:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        if current.__cause__ is not None:
+            pending.append(current.__cause__)
+        if current.__context__ is not None and not current.__suppress_context__:
+            pending.append(current.__context__)
+        if isinstance(current, MultiError):
+            pending.extend(current.errors)
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
 
 
 def _describe(exc: BaseException, max_causes: int = 3) -> str:
