@@ -101,7 +101,7 @@ def _hex(oid: bytes | None) -> str | None:
 
 @app.command()
 def init(
-    directory: Annotated[Optional[Path], typer.Argument(help="Folder to turn into a repository (default: current).")] = None,
+    directory: Annotated[Optional[Path], typer.Argument(metavar="DIR", help="Folder to turn into a repository (default: current).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a repository, and your signing identity if you have none."""
@@ -205,7 +205,7 @@ def _change_json(change) -> dict:
 
 @app.command()
 def add(
-    paths: Annotated[list[str], typer.Argument(help="Files or folders to store now.")],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Files or folders to store now.")],
 ) -> None:
     """Store the content of paths now, so the next commit only has to record them."""
     from p2pvc.ops.worktree_ops import add as run_add
@@ -253,7 +253,7 @@ def commit(
 
 @app.command()
 def checkout(
-    rev: Annotated[str, typer.Argument(help="Branch, tag or commit id.")],
+    rev: Annotated[str, typer.Argument(metavar="REV", help="Branch, tag or commit id.")],
     force: Annotated[bool, typer.Option("--force", "-f", help="Discard uncommitted changes in the way.")] = False,
 ) -> None:
     """Make the working tree match a revision (rollback to any version). Alias: switch."""
@@ -283,7 +283,7 @@ app.command("switch", help="Same as checkout.")(checkout)
 
 @app.command()
 def restore(
-    paths: Annotated[list[str], typer.Argument(help="Files or folders to restore.")],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Files or folders to restore.")],
     source: Annotated[str, typer.Option("--source", "-s", help="Revision to take them from.")] = "HEAD",
 ) -> None:
     """Overwrite paths in the working tree with their version from a revision."""
@@ -340,7 +340,7 @@ def _print_commit(info, refs: list[str]) -> None:
 
 @app.command()
 def log(
-    revs: Annotated[Optional[list[str]], typer.Argument(help="Revisions to start from (default HEAD).")] = None,
+    revs: Annotated[Optional[list[str]], typer.Argument(metavar="REV", help="Revisions to start from (default HEAD).")] = None,
     limit: Annotated[Optional[int], typer.Option("-n", "--max-count", help="Show at most this many commits.")] = None,
     meta: Annotated[
         Optional[list[str]], typer.Option("--meta", help="Only commits with this metadata KEY=VALUE, repeatable.")
@@ -364,7 +364,7 @@ def log(
 
 @app.command()
 def show(
-    rev: Annotated[str, typer.Argument(help="Revision to show.")] = "HEAD",
+    rev: Annotated[str, typer.Argument(metavar="REV", help="Revision to show.")] = "HEAD",
     as_json: JsonOption = False,
 ) -> None:
     """Show one commit: message, metadata, signature state and changed files."""
@@ -402,8 +402,8 @@ def _print_diff(result) -> None:
 
 @app.command()
 def diff(
-    old: Annotated[Optional[str], typer.Argument(help="Old revision (default HEAD).")] = None,
-    new: Annotated[Optional[str], typer.Argument(help="New revision (default: the working tree).")] = None,
+    old: Annotated[Optional[str], typer.Argument(metavar="OLD", help="Old revision (default HEAD).")] = None,
+    new: Annotated[Optional[str], typer.Argument(metavar="NEW", help="New revision (default: the working tree).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """List files added, removed and modified between two revisions, or a revision and the working tree."""
@@ -427,8 +427,8 @@ def diff(
 
 @app.command()
 def branch(
-    name: Annotated[Optional[str], typer.Argument(help="Branch to create (lists branches when omitted).")] = None,
-    rev: Annotated[str, typer.Argument(help="Where the new branch starts.")] = "HEAD",
+    name: Annotated[Optional[str], typer.Argument(metavar="NAME", help="Branch to create (lists branches when omitted).")] = None,
+    rev: Annotated[str, typer.Argument(metavar="REV", help="Where the new branch starts.")] = "HEAD",
     delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the named branch.")] = False,
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Delete even if no other ref reaches the branch's commits.")
@@ -451,8 +451,8 @@ def branch(
 
 @app.command()
 def tag(
-    name: Annotated[Optional[str], typer.Argument(help="Tag to create, e.g. v1.2.3 (lists tags when omitted).")] = None,
-    rev: Annotated[str, typer.Argument(help="Commit to tag.")] = "HEAD",
+    name: Annotated[Optional[str], typer.Argument(metavar="NAME", help="Tag to create, e.g. v1.2.3 (lists tags when omitted).")] = None,
+    rev: Annotated[str, typer.Argument(metavar="REV", help="Commit to tag.")] = "HEAD",
     as_json: JsonOption = False,
 ) -> None:
     """List tags or create one; a tag never moves once created."""
@@ -507,7 +507,7 @@ def member_list(as_json: JsonOption = False) -> None:
 
 
 @member_app.command("add")
-def member_add(key: Annotated[str, typer.Argument(help="The new member's public key (64 hex digits, from p2pvc id).")]) -> None:
+def member_add(key: Annotated[str, typer.Argument(metavar="KEY", help="The new member's public key (64 hex digits, from p2pvc id).")]) -> None:
     """Add a member; the signed record reaches other peers at the next sync."""
     from p2pvc.ops.members import add_member
 
@@ -516,7 +516,7 @@ def member_add(key: Annotated[str, typer.Argument(help="The new member's public 
 
 
 @member_app.command("remove")
-def member_remove(key: Annotated[str, typer.Argument(help="The member's public key (64 hex digits).")]) -> None:
+def member_remove(key: Annotated[str, typer.Argument(metavar="KEY", help="The member's public key (64 hex digits).")]) -> None:
     """Remove a member; their earlier commits stay valid, new updates are rejected."""
     from p2pvc.ops.members import remove_member
 
@@ -580,7 +580,7 @@ def serve(
 
 @app.command()
 def sync(
-    peers: Annotated[Optional[list[str]], typer.Argument(help="Peer addresses (default: every known peer).")] = None,
+    peers: Annotated[Optional[list[str]], typer.Argument(metavar="PEER", help="Peer addresses (default: every known peer).")] = None,
     content: Annotated[
         bool, typer.Option("--content", help="In a history-only clone: from now on fetch file content too.")
     ] = False,
@@ -697,9 +697,9 @@ def _print_sync(result) -> None:
 
 @app.command()
 def clone(
-    address: Annotated[str, typer.Argument(help="Address of a serving peer, /ip4/HOST/tcp/PORT/p2p/PEER_ID.")],
+    address: Annotated[str, typer.Argument(metavar="ADDRESS", help="Address of a serving peer, /ip4/HOST/tcp/PORT/p2p/PEER_ID.")],
     directory: Annotated[
-        Optional[Path], typer.Argument(help="Folder to create (default: ./p2pvc-ID, with the repository's short id).")
+        Optional[Path], typer.Argument(metavar="DIR", help="Folder to create (default: ./p2pvc-ID, with the repository's short id).")
     ] = None,
     repo_id: Annotated[Optional[str], typer.Option("--repo", help="Repository id or a prefix of it, if the peer serves several.")] = None,
     no_content: Annotated[
@@ -735,7 +735,7 @@ def clone(
 
 
 @peer_app.command("add")
-def peer_add(address: Annotated[str, typer.Argument(help="/ip4/HOST/tcp/PORT/p2p/PEER_ID")]) -> None:
+def peer_add(address: Annotated[str, typer.Argument(metavar="ADDRESS", help="/ip4/HOST/tcp/PORT/p2p/PEER_ID")]) -> None:
     """Remember a peer to sync with."""
     from p2pvc.sync.state import SyncState
 
@@ -764,7 +764,7 @@ def peer_list(as_json: JsonOption = False) -> None:
 
 
 @peer_app.command("remove")
-def peer_remove(peer: Annotated[str, typer.Argument(help="Peer id or address.")]) -> None:
+def peer_remove(peer: Annotated[str, typer.Argument(metavar="PEER", help="Peer id or address.")]) -> None:
     """Forget a peer."""
     from p2pvc.sync.state import SyncState
 

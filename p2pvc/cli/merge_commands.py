@@ -193,7 +193,7 @@ def _print_conflict(conflict) -> None:
 
 
 def resolve(
-    ref: Annotated[str, typer.Argument(help="The conflicted branch or tag (short or full name).")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="The conflicted branch or tag (short or full name).")],
     take: Annotated[str, typer.Option("--take", help="The commit to keep: one of the heads, or a descendant of one.")],
     as_json: JsonOption = False,
 ) -> None:
@@ -248,7 +248,7 @@ def _follow_ref(repo, head_ref: str) -> str | None:
 
 def merge(
     rev: Annotated[
-        Optional[str], typer.Argument(help="Branch, tag or commit to merge (default: the other head of a conflicted branch).")
+        Optional[str], typer.Argument(metavar="REV", help="Branch, tag or commit to merge (default: the other head of a conflicted branch).")
     ] = None,
     message: Annotated[Optional[str], typer.Option("-m", "--message", help="Message of the merge commit.")] = None,
     continue_merge: Annotated[
@@ -345,9 +345,9 @@ def _print_merge(result) -> None:
 
 @bundle_app.command("create")
 def bundle_create(
-    file: Annotated[Path, typer.Argument(help="The bundle file to write.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The bundle file to write.")],
     revs: Annotated[
-        Optional[list[str]], typer.Argument(help="Branches, tags or commits to include (default: every ref).")
+        Optional[list[str]], typer.Argument(metavar="REV", help="Branches, tags or commits to include (default: every ref).")
     ] = None,
     since: Annotated[
         Optional[Path],
@@ -387,7 +387,7 @@ def bundle_heads() -> None:
 
 @bundle_app.command("apply")
 def bundle_apply(
-    file: Annotated[Path, typer.Argument(help="The bundle file to read.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The bundle file to read.")],
     checkout: Annotated[
         bool, typer.Option(help="Update the working tree when the checked-out branch moved (never over uncommitted work).")
     ] = True,
@@ -428,8 +428,8 @@ def _first_checkout(repo, head_ref: str) -> str:
 
 @bundle_app.command("clone")
 def bundle_clone(
-    file: Annotated[Path, typer.Argument(help="The bundle file to read.")],
-    directory: Annotated[Optional[Path], typer.Argument(help="Folder to create (default: ./p2pvc-REPOID).")] = None,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The bundle file to read.")],
+    directory: Annotated[Optional[Path], typer.Argument(metavar="DIR", help="Folder to create (default: ./p2pvc-REPOID).")] = None,
 ) -> None:
     """Create a replica of the bundle's repository and apply the bundle to it."""
     from p2pvc.errors import UserError

@@ -43,7 +43,7 @@ def _tree_path(path: str) -> bytes:
 
 
 def fetch(
-    rev: Annotated[str, typer.Argument(help="Revision to fetch: a branch, tag or commit id.")],
+    rev: Annotated[str, typer.Argument(metavar="REV", help="Revision to fetch: a branch, tag or commit id.")],
     paths: Annotated[
         Optional[list[str]],
         typer.Option("--path", help="Fetch only this file or folder, relative to the repository root (repeatable)."),
@@ -63,10 +63,12 @@ def fetch(
     upload_limit: Annotated[
         float, typer.Option(help="Cap what this node sends to other fetchers, in MiB/s (0: no cap).", min=0)
     ] = 0.0,
-    peer_exchange: Annotated[
+    no_peer_exchange: Annotated[
         bool,
-        typer.Option(help="Also fetch from the other fetchers that peers tell about, not only from known peers."),
-    ] = True,
+        typer.Option(
+            "--no-peer-exchange", help="Fetch only from known peers, not from the other fetchers that peers tell about."
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each peer joining, leaving or banned.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -123,7 +125,7 @@ def fetch(
             list(peers or []),
             runner.default_listen(listen, port),
             seed=seed,
-            peer_exchange=peer_exchange,
+            peer_exchange=not no_peer_exchange,
             upload_limit=upload_limit * 2**20 or None,
             progress=progress,
             on_done=done,
@@ -196,7 +198,7 @@ def _print_fetch(report, rev: str, elapsed: float) -> None:
 
 
 def whereis(
-    target: Annotated[str, typer.Argument(help="A revision (branch, tag, commit id), or a file or folder path.")],
+    target: Annotated[str, typer.Argument(metavar="TARGET", help="A revision (branch, tag, commit id), or a file or folder path.")],
     rev: Annotated[str, typer.Option("--rev", help="For a path: the revision to look in.")] = "HEAD",
     peers: Annotated[
         Optional[list[str]], typer.Option("--peer", help="Peer address to ask (repeatable; known peers are asked too).")
