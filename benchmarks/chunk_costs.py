@@ -4,9 +4,9 @@
 The steps are p2pvc's own functions: the FastCDC cut, the BLAKE3 chunk id,
 zstd compression as commit does it (`compress.encode` without the sample
 test) and decompression with verification as checkout does it. Each runs
-on the chunks of one slice of a file, in the same process, best of
-`--repeat`, so the figures show where the CPU time of a 1 GiB commit or
-checkout goes and what two cores can do at best.
+on the chunks of one slice of a file in this process, and the best of
+`--repeat` runs counts. The figures show where the CPU time of a 1 GiB
+commit or checkout goes, and what two cores can do at best.
 
     python benchmarks/chunk_costs.py CHECKPOINT [--bytes 256MiB] [--repeat 3]
 

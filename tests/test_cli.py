@@ -80,7 +80,7 @@ def two_commits(two_commits_template: RepoTemplate, worktree: Path, home: Path) 
 # init --------------------------------------------------------------------------------
 
 
-def test_version_matches_the_installed_package(cli: Cli) -> None:
+def test_version_matches_package(cli: Cli) -> None:
     from importlib.metadata import version
 
     result = cli.ok("--version")

@@ -548,7 +548,7 @@ def test_corrupt_chunk_completed_from_honest_peer(make_node):
     assert server_bad.stop() <= STOP_LIMIT_S
 
 
-def test_fsck_repair_then_sync_replaces_damaged_chunk(make_node):
+def test_fsck_repair_then_sync_refetches(make_node):
     origin, replica = make_node("origin"), make_node("replica")
     create_origin(origin, origin_files())
     origin.copy_to(replica)

@@ -101,7 +101,10 @@ def _hex(oid: bytes | None) -> str | None:
 
 @app.command()
 def init(
-    directory: Annotated[Optional[Path], typer.Argument(metavar="DIR", help="Folder to turn into a repository (default: current).")] = None,
+    directory: Annotated[
+        Optional[Path],
+        typer.Argument(metavar="DIR", help="Folder to turn into a repository (default: current)."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a repository, and your signing identity if you have none."""
@@ -340,7 +343,10 @@ def _print_commit(info, refs: list[str]) -> None:
 
 @app.command()
 def log(
-    revs: Annotated[Optional[list[str]], typer.Argument(metavar="REV", help="Revisions to start from (default HEAD).")] = None,
+    revs: Annotated[
+        Optional[list[str]],
+        typer.Argument(metavar="REV", help="Revisions to start from (default HEAD)."),
+    ] = None,
     limit: Annotated[Optional[int], typer.Option("-n", "--max-count", help="Show at most this many commits.")] = None,
     meta: Annotated[
         Optional[list[str]], typer.Option("--meta", help="Only commits with this metadata KEY=VALUE, repeatable.")
@@ -403,7 +409,10 @@ def _print_diff(result) -> None:
 @app.command()
 def diff(
     old: Annotated[Optional[str], typer.Argument(metavar="OLD", help="Old revision (default HEAD).")] = None,
-    new: Annotated[Optional[str], typer.Argument(metavar="NEW", help="New revision (default: the working tree).")] = None,
+    new: Annotated[
+        Optional[str],
+        typer.Argument(metavar="NEW", help="New revision (default: the working tree)."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """List files added, removed and modified between two revisions, or a revision and the working tree."""
@@ -427,7 +436,10 @@ def diff(
 
 @app.command()
 def branch(
-    name: Annotated[Optional[str], typer.Argument(metavar="NAME", help="Branch to create (lists branches when omitted).")] = None,
+    name: Annotated[
+        Optional[str],
+        typer.Argument(metavar="NAME", help="Branch to create (lists branches when omitted)."),
+    ] = None,
     rev: Annotated[str, typer.Argument(metavar="REV", help="Where the new branch starts.")] = "HEAD",
     delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the named branch.")] = False,
     force: Annotated[
@@ -451,7 +463,10 @@ def branch(
 
 @app.command()
 def tag(
-    name: Annotated[Optional[str], typer.Argument(metavar="NAME", help="Tag to create, e.g. v1.2.3 (lists tags when omitted).")] = None,
+    name: Annotated[
+        Optional[str],
+        typer.Argument(metavar="NAME", help="Tag to create, e.g. v1.2.3 (lists tags when omitted)."),
+    ] = None,
     rev: Annotated[str, typer.Argument(metavar="REV", help="Commit to tag.")] = "HEAD",
     as_json: JsonOption = False,
 ) -> None:
@@ -507,7 +522,11 @@ def member_list(as_json: JsonOption = False) -> None:
 
 
 @member_app.command("add")
-def member_add(key: Annotated[str, typer.Argument(metavar="KEY", help="The new member's public key (64 hex digits, from p2pvc id).")]) -> None:
+def member_add(
+    key: Annotated[
+        str, typer.Argument(metavar="KEY", help="The new member's public key (64 hex digits, from p2pvc id).")
+    ],
+) -> None:
     """Add a member; the signed record reaches other peers at the next sync."""
     from p2pvc.ops.members import add_member
 
@@ -516,7 +535,9 @@ def member_add(key: Annotated[str, typer.Argument(metavar="KEY", help="The new m
 
 
 @member_app.command("remove")
-def member_remove(key: Annotated[str, typer.Argument(metavar="KEY", help="The member's public key (64 hex digits).")]) -> None:
+def member_remove(
+    key: Annotated[str, typer.Argument(metavar="KEY", help="The member's public key (64 hex digits).")],
+) -> None:
     """Remove a member; their earlier commits stay valid, new updates are rejected."""
     from p2pvc.ops.members import remove_member
 
@@ -580,7 +601,10 @@ def serve(
 
 @app.command()
 def sync(
-    peers: Annotated[Optional[list[str]], typer.Argument(metavar="PEER", help="Peer addresses (default: every known peer).")] = None,
+    peers: Annotated[
+        Optional[list[str]],
+        typer.Argument(metavar="PEER", help="Peer addresses (default: every known peer)."),
+    ] = None,
     content: Annotated[
         bool, typer.Option("--content", help="In a history-only clone: from now on fetch file content too.")
     ] = False,
@@ -697,9 +721,13 @@ def _print_sync(result) -> None:
 
 @app.command()
 def clone(
-    address: Annotated[str, typer.Argument(metavar="ADDRESS", help="Address of a serving peer, /ip4/HOST/tcp/PORT/p2p/PEER_ID.")],
+    address: Annotated[
+        str,
+        typer.Argument(metavar="ADDRESS", help="Address of a serving peer, /ip4/HOST/tcp/PORT/p2p/PEER_ID."),
+    ],
     directory: Annotated[
-        Optional[Path], typer.Argument(metavar="DIR", help="Folder to create (default: ./p2pvc-ID, with the repository's short id).")
+        Optional[Path],
+        typer.Argument(metavar="DIR", help="Folder to create (default: ./p2pvc-ID, with the repository's short id)."),
     ] = None,
     repo_id: Annotated[Optional[str], typer.Option("--repo", help="Repository id or a prefix of it, if the peer serves several.")] = None,
     no_content: Annotated[

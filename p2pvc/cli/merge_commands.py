@@ -248,7 +248,11 @@ def _follow_ref(repo, head_ref: str) -> str | None:
 
 def merge(
     rev: Annotated[
-        Optional[str], typer.Argument(metavar="REV", help="Branch, tag or commit to merge (default: the other head of a conflicted branch).")
+        Optional[str],
+        typer.Argument(
+            metavar="REV",
+            help="Branch, tag or commit to merge (default: the other head of a conflicted branch).",
+        ),
     ] = None,
     message: Annotated[Optional[str], typer.Option("-m", "--message", help="Message of the merge commit.")] = None,
     continue_merge: Annotated[
@@ -347,7 +351,8 @@ def _print_merge(result) -> None:
 def bundle_create(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="The bundle file to write.")],
     revs: Annotated[
-        Optional[list[str]], typer.Argument(metavar="REV", help="Branches, tags or commits to include (default: every ref).")
+        Optional[list[str]],
+        typer.Argument(metavar="REV", help="Branches, tags or commits to include (default: every ref)."),
     ] = None,
     since: Annotated[
         Optional[Path],
@@ -429,7 +434,10 @@ def _first_checkout(repo, head_ref: str) -> str:
 @bundle_app.command("clone")
 def bundle_clone(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="The bundle file to read.")],
-    directory: Annotated[Optional[Path], typer.Argument(metavar="DIR", help="Folder to create (default: ./p2pvc-REPOID).")] = None,
+    directory: Annotated[
+        Optional[Path],
+        typer.Argument(metavar="DIR", help="Folder to create (default: ./p2pvc-REPOID)."),
+    ] = None,
 ) -> None:
     """Create a replica of the bundle's repository and apply the bundle to it."""
     from p2pvc.errors import UserError

@@ -198,7 +198,10 @@ def _print_fetch(report, rev: str, elapsed: float) -> None:
 
 
 def whereis(
-    target: Annotated[str, typer.Argument(metavar="TARGET", help="A revision (branch, tag, commit id), or a file or folder path.")],
+    target: Annotated[
+        str,
+        typer.Argument(metavar="TARGET", help="A revision (branch, tag, commit id), or a file or folder path."),
+    ],
     rev: Annotated[str, typer.Option("--rev", help="For a path: the revision to look in.")] = "HEAD",
     peers: Annotated[
         Optional[list[str]], typer.Option("--peer", help="Peer address to ask (repeatable; known peers are asked too).")

@@ -582,10 +582,10 @@ class Host:
 def _connect_error(exc: BaseException, peer_id: ID, address: str) -> ConnectError:
     """Turn py-libp2p's dial error into one line that names the likely fault.
 
-    The dial error only reports that no address worked. Its causes (a chain, with
-    a MultiError per address) tell a refused TCP connection from a node that
-    answered with another key than the peer id names, which is what a wrong
-    peer id at the right host and port gives.
+    The dial error only reports that no address worked. Its causes (a chain,
+    with a MultiError per address) tell a refused TCP connection from a node
+    whose Noise handshake proved another key than the peer id names. A wrong
+    peer id at the right host and port gives the second.
     """
     causes = list(_causes(exc))
     where = address.split("/p2p/")[0]
