@@ -292,6 +292,8 @@ class Repository:
                 return branch_target or tag_target  # type: ignore[return-value]
         if re.fullmatch(r"[0-9a-fA-F]{4,64}", base):
             return self._resolve_prefix(base.lower(), rev)
+        if re.fullmatch(r"[0-9a-fA-F]{1,3}", base):
+            raise UserError(f"unknown revision {rev!r}", hint="an abbreviated commit id needs at least 4 hex digits")
         raise UserError(f"unknown revision {rev!r}", hint="use a branch, a tag or a commit id (p2pvc log lists them)")
 
     def _resolve_prefix(self, prefix: str, rev: str) -> bytes:

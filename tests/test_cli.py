@@ -869,7 +869,9 @@ def test_branch_existing_fails(two_commits) -> None:
     assert cli.json("show", "side")["id"] == first
 
 
-@pytest.mark.parametrize("args", [("-d", "missing"), ("bad..name",), (".hidden",), ("a b",), ("x/",), ("side", "nope")])
+@pytest.mark.parametrize(
+    "args", [("-d", "missing"), ("bad..name",), (".hidden",), ("a b",), ("x/",), ("side", "nope"), ("refs/tags/v1",)]
+)
 def test_branch_bad_input_fails(two_commits, args: tuple[str, ...]) -> None:
     cli, _first, _second = two_commits
     cli.fail(EXIT_USER, "branch", *args)
@@ -906,7 +908,7 @@ def test_tag_stays_when_branch_moves(two_commits, worktree: Path) -> None:
     assert cli.json("show", "v1")["id"] == second
 
 
-@pytest.mark.parametrize("args", [("--", "-v1"), (".v1",), ("v1..2",), ("v1", "nope")])
+@pytest.mark.parametrize("args", [("--", "-v1"), (".v1",), ("v1..2",), ("v1", "nope"), ("refs/heads/v1",)])
 def test_tag_bad_input_fails(two_commits, args: tuple[str, ...]) -> None:
     cli, _first, _second = two_commits
     cli.fail(EXIT_USER, "tag", *args)
@@ -1015,12 +1017,16 @@ def test_fsck_names_files_of_damaged_chunk(stored_repo: Cli, worktree: Path) -> 
 
 
 def test_fsck_repair_then_add_restores(stored_repo: Cli, worktree: Path) -> None:
+    stored_repo.ok("branch", "copy")
     damage_chunk(worktree)
     repaired = stored_repo.run("fsck", "--repair", "--json")
     assert repaired.returncode == EXIT_CORRUPTION, repaired.describe()
     assert repaired.json()["forgotten"] == 1
     missing = stored_repo.run("fsck", "--json")
-    assert [p["kind"] for p in missing.json()["problems"]] == ["missing"]
+    [problem] = missing.json()["problems"]
+    assert (problem["kind"], problem["object_kind"]) == ("missing", "chunk")
+    assert problem["message"] == "chunk reachable from refs/heads/copy, refs/heads/main is missing"
+    assert "or `p2pvc add PATH` for a file whose copy in the working tree is intact" in stored_repo.run("fsck").stdout
 
     # status must not record the file as stored while its chunk is missing, or add would skip it.
     assert stored_repo.json("status")["changes"] == []

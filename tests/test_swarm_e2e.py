@@ -310,6 +310,9 @@ def test_seeding_fetch_checks_out_first(checkpoint, make_node, tmp_path):
     clone_history(fetcher, server)
     checkout = tmp_path / "checkout"
 
+    status = fetcher.ok("status").stdout
+    assert "This is a history-only clone, and no files are checked out here" in status
+    assert "a peer moved" not in status
     seeding = fetcher.start(*fetch_command("--seed", "--json", "--path", PARTIAL_PATH, "--checkout", str(checkout)))
     # A node that seeds after the fetch needs its files while it seeds, not after it stops.
     report = wait_for_report(seeding, timeout=PARTIAL_REPORT_TIMEOUT_S)

@@ -174,7 +174,12 @@ def status(as_json: JsonOption = False) -> None:
         return
     where = result.ref.removeprefix("refs/heads/") if result.ref else "detached HEAD"
     typer.echo(f"On {where}" + (f" at {result.head.hex()[:12]}" if result.head else " (no commits yet)"))
-    if result.head is not None and result.base != result.head:
+    if result.head is not None and result.base is None and repo.history_only:
+        typer.echo(
+            "This is a history-only clone, and no files are checked out here: p2pvc sync --content fetches "
+            "the content, and p2pvc fetch REV --checkout DIR fetches one revision into a folder."
+        )
+    elif result.head is not None and result.base != result.head:
         typer.echo(
             f"The working tree is based on {result.base.hex()[:12] if result.base else 'nothing'}: a peer moved "
             f"{where}. Changes below are relative to that base; p2pvc checkout {where} brings in the new commits."
@@ -208,7 +213,7 @@ def _change_json(change) -> dict:
 
 @app.command()
 def add(
-    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Files or folders to store now.")],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH...", help="Files or folders to store now.")],
 ) -> None:
     """Store the content of paths now, so the next commit only has to record them."""
     from p2pvc.ops.worktree_ops import add as run_add
@@ -264,7 +269,12 @@ def checkout(
 
     repo = _open()
     result = run_checkout(repo, rev, force=force, progress=_progress())
-    where = f"branch {result.ref.removeprefix('refs/heads/')}" if result.ref else f"detached HEAD at {rev}"
+    if result.ref:
+        where = f"branch {result.ref.removeprefix('refs/heads/')}"
+    elif result.commit.hex().startswith(rev.lower()):
+        where = "detached HEAD"  # the id follows in parentheses
+    else:
+        where = f"detached HEAD at {rev}"
     applied = result.applied
     typer.echo(
         f"Switched to {where} ({result.commit.hex()[:12]}): wrote {applied.files_written} file(s), "
@@ -286,7 +296,7 @@ app.command("switch", help="Same as checkout.")(checkout)
 
 @app.command()
 def restore(
-    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Files or folders to restore.")],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH...", help="Files or folders to restore.")],
     source: Annotated[str, typer.Option("--source", "-s", help="Revision to take them from.")] = "HEAD",
 ) -> None:
     """Overwrite paths in the working tree with their version from a revision."""
@@ -345,7 +355,7 @@ def _print_commit(info, refs: list[str]) -> None:
 def log(
     revs: Annotated[
         Optional[list[str]],
-        typer.Argument(metavar="REV", help="Revisions to start from (default HEAD)."),
+        typer.Argument(metavar="REV...", help="Revisions to start from (default HEAD)."),
     ] = None,
     limit: Annotated[Optional[int], typer.Option("-n", "--max-count", help="Show at most this many commits.")] = None,
     meta: Annotated[
@@ -603,7 +613,7 @@ def serve(
 def sync(
     peers: Annotated[
         Optional[list[str]],
-        typer.Argument(metavar="PEER", help="Peer addresses (default: every known peer)."),
+        typer.Argument(metavar="PEER...", help="Peer addresses (default: every known peer)."),
     ] = None,
     content: Annotated[
         bool, typer.Option("--content", help="In a history-only clone: from now on fetch file content too.")
@@ -640,10 +650,13 @@ def sync(
     if result.unreachable or failed:
         names = [a for a, _ in result.unreachable] + [r.peer for r in failed]
         synced = len(result.reports) - len(failed)
-        raise PeerError(
-            f"could not sync with {len(names)} peer(s): {', '.join(names)}",
-            hint=f"the other {synced} peer(s) were synced" if synced else "the line of each peer above says why",
-        )
+        if synced:
+            hint = f"the other {synced} peer(s) were synced"
+        elif as_json:
+            hint = "the JSON output gives the reason for each peer"
+        else:
+            hint = "the line of each peer above gives the reason"
+        raise PeerError(f"could not sync with {len(names)} peer(s): {', '.join(names)}", hint=hint)
 
 
 def _update_worktree(repo, head_ref: str | None, head_before: bytes | None) -> str | None:
@@ -863,14 +876,18 @@ def fsck(
             f"{report.commits} commit(s), {report.ref_updates} ref update(s): "
             + ("no problems" if report.ok else f"{len(report.problems)} problem(s)")
         )
+        damaged = [p for p in report.problems if p.kind in ("corrupt", "missing")]
         if report.repaired:
-            typer.echo(
-                f"repair: dropped {report.forgotten} corrupt record(s) from the index. To store good copies of what "
-                "is damaged or missing, run `p2pvc sync` or `p2pvc fetch REV` with a peer that has them, or `p2pvc add PATH` "
-                "for a file whose copy in the working tree is intact."
-            )
-        elif not report.ok and any(p.kind == "corrupt" for p in report.problems):
+            typer.echo(f"repair: dropped {report.forgotten} corrupt record(s) from the index")
+        if any(p.kind == "corrupt" for p in damaged) and not report.repaired:
             typer.echo("hint: run `p2pvc fsck --repair` so that sync, fetch or add can replace the corrupt records")
+        elif damaged:
+            where = "run `p2pvc sync` or `p2pvc fetch REV` with a peer that has them"
+            if all(p.object_kind == "chunk" for p in damaged):
+                where += ", or `p2pvc add PATH` for a file whose copy in the working tree is intact"
+            else:
+                where += " (only a peer or a bundle can give back history: commits, trees and manifests)"
+            typer.echo(f"hint: to store good copies of what is damaged or missing, {where}")
     if not report.ok:
         raise typer.Exit(5)
 

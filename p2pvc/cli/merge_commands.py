@@ -352,7 +352,7 @@ def bundle_create(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="The bundle file to write.")],
     revs: Annotated[
         Optional[list[str]],
-        typer.Argument(metavar="REV", help="Branches, tags or commits to include (default: every ref)."),
+        typer.Argument(metavar="REV...", help="Branches, tags or commits to include (default: every ref)."),
     ] = None,
     since: Annotated[
         Optional[Path],

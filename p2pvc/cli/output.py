@@ -33,8 +33,10 @@ def print_error(exc: P2pvcError) -> None:
     sys.stderr.write(f"error: {exc.message}\n")
     expected = getattr(exc, "expected", None)
     actual = getattr(exc, "actual", None)
-    if expected is not None or actual is not None:
-        sys.stderr.write(f"  expected: {expected}\n  actual:   {actual}\n")
+    if expected is not None:
+        sys.stderr.write(f"  expected: {expected}\n")
+    if actual is not None:
+        sys.stderr.write(f"  actual:   {actual}\n")
     if exc.hint:
         sys.stderr.write(f"hint: {exc.hint}\n")
 

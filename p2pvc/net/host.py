@@ -289,6 +289,11 @@ def peer_id_of(seed: bytes) -> ID:
 
 def parse_peer_address(address: str | Multiaddr) -> PeerInfo:
     """Parse a multiaddr that ends in /p2p/PEERID into the peer id and its transport address."""
+    if "/p2p/" not in str(address):
+        raise UserError(
+            f"invalid peer address {str(address)!r}: it must end in /p2p/PEER_ID",
+            hint="`p2pvc id` on the other node prints its full address",
+        )
     try:
         multiaddr = address if isinstance(address, Multiaddr) else Multiaddr(address)
         return info_from_p2p_addr(multiaddr)

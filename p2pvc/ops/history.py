@@ -140,7 +140,13 @@ def _checked_short_name(kind: str, name: str) -> str:
     if not is_valid_short_name(name):
         raise UserError(
             f"invalid {kind} name {name!r}",
-            hint="use letters, digits and . _ - + @ =, with / between parts, not starting with . or -",
+            hint="use letters, digits and . _ - + @ =, with / between parts, not starting with . or -, and not HEAD or @",
+        )
+    if name.startswith("refs/"):
+        # `refs/tags/v1` as a branch would be refs/heads/refs/tags/v1, which revisions never reach.
+        raise UserError(
+            f"invalid {kind} name {name!r}: give the short name, without refs/",
+            hint=f"for example: p2pvc {kind} {name.split('/')[-1]}",
         )
     if re.fullmatch(r"[0-9a-fA-F]{4,64}", name):
         # A revision that names a ref never reaches the commit ids it looks like.

@@ -30,6 +30,7 @@ class Problem:
     message: str
     expected: str | None = None
     actual: str | None = None
+    object_kind: str | None = None  # chunk, manifest, tree or commit, for corrupt and missing objects
 
 
 @dataclass
@@ -85,7 +86,10 @@ def fsck(repo: Repository, progress: Progress = NULL_PROGRESS, *, repair: bool =
                                     Problem("bad-signature", entry.id.hex(), "commit signature does not verify")
                                 )
                 except CorruptionError as exc:
-                    report.problems.append(Problem("corrupt", entry.id.hex(), exc.message, exc.expected, exc.actual))
+                    kind_name = model.KIND_NAMES.get(entry.kind, "chunk")
+                    report.problems.append(
+                        Problem("corrupt", entry.id.hex(), exc.message, exc.expected, exc.actual, kind_name)
+                    )
                 progress.advance(entry.stored_size)
         finally:
             progress.finish()
@@ -101,12 +105,18 @@ def fsck(repo: Repository, progress: Progress = NULL_PROGRESS, *, repair: bool =
         except CorruptionError as exc:
             report.problems.append(Problem("bad-ref-update", "-", exc.message))
             states = []
+        missing: dict[bytes, tuple[str, list[str]]] = {}  # one problem per object, naming every ref that needs it
         for state in states:
             for head in state.heads:
                 if head.target is None:
                     continue
                 for oid, kind in _missing_reachable(repo, head.target):
-                    report.problems.append(Problem("missing", oid.hex(), f"{kind} reachable from {state.name} is missing"))
+                    refs = missing.setdefault(oid, (kind, []))[1]
+                    if state.name not in refs:
+                        refs.append(state.name)
+        for oid, (kind, refs) in missing.items():
+            message = f"{kind} reachable from {', '.join(refs)} is missing"
+            report.problems.append(Problem("missing", oid.hex(), message, object_kind=kind))
         damaged = {bytes.fromhex(p.object) for p in report.problems if p.kind in ("corrupt", "missing")}
         if damaged:
             report.affected = _affected_files(repo, damaged)
