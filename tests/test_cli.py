@@ -1008,12 +1008,23 @@ def test_fsck_names_files_of_damaged_chunk(stored_repo: Cli, worktree: Path) -> 
     [affected] = result.json()["affected_files"]
     assert affected["path"] == "data.bin"
     assert affected["commits"] == [second, first]
-    assert sorted(affected["refs"]) == ["refs/heads/main", "refs/heads/old"]
+    assert affected["refs"] == ["refs/heads/main", "refs/heads/old"]
+    assert affected["history_refs"] == ["refs/heads/main", "refs/heads/old"]
 
     text = stored_repo.run("fsck").stdout
     assert "1 file version(s) need a damaged or missing object" in text
     expected = f"  data.bin in {second[:12]} and 1 older commit(s); current in refs/heads/main, refs/heads/old"
     assert expected in text.splitlines()
+
+
+def test_fsck_names_refs_of_old_version(stored_repo: Cli, worktree: Path) -> None:
+    first = stored_repo.json("log")[0]["id"]
+    write_file(worktree / "data.bin", random_bytes(200 * KIB, "newer"))
+    stored_repo.commit("newer data")
+    damage_chunk(worktree)  # the first stored raw chunk: one of the older data.bin
+
+    text = stored_repo.run("fsck").stdout
+    assert f"  data.bin in {first[:12]}; in the history of refs/heads/main" in text.splitlines()
 
 
 def test_fsck_repair_then_add_restores(stored_repo: Cli, worktree: Path) -> None:

@@ -232,7 +232,7 @@ async def test_connect_rejects_bad_addresses() -> None:
     async with open_host(seed(1), LOCAL) as host:
         with pytest.raises(UserError, match="invalid peer address"):
             await host.connect("/ip4/127.0.0.1/tcp/4001")
-        with pytest.raises(UserError, match="own address"):
+        with pytest.raises(UserError, match="own peer id"):
             await host.connect(host.listen_addrs[0])
 
 

@@ -901,8 +901,11 @@ def _echo_affected(affected) -> None:
     typer.echo(f"{len(affected)} file version(s) need a damaged or missing object and cannot be checked out:")
     for file in affected[:AFFECTED_SHOWN]:
         older = f" and {len(file.commits) - 1} older commit(s)" if len(file.commits) > 1 else ""
-        current = f"; current in {', '.join(file.refs)}" if file.refs else ""
-        typer.echo(f"  {file.path} in {file.commits[0][:12]}{older}{current}")
+        if file.refs:
+            where = f"; current in {', '.join(file.refs)}"
+        else:
+            where = f"; in the history of {', '.join(file.history_refs)}"
+        typer.echo(f"  {file.path} in {file.commits[0][:12]}{older}{where}")
     if len(affected) > AFFECTED_SHOWN:
         typer.echo(f"  ... and {len(affected) - AFFECTED_SHOWN} more (fsck --json lists them all)")
 

@@ -498,7 +498,10 @@ class Host:
         peer_info = parse_peer_address(address)
         peer_id = peer_info.peer_id
         if peer_id == self.peer_id:
-            raise UserError(f"peer address {address} is this host's own address")
+            raise UserError(
+                f"peer address {address} names this node's own peer id",
+                hint="use the other node's address: `p2pvc id` there prints it",
+            )
         if self.is_connected(peer_id):
             return peer_id
 

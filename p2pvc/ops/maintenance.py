@@ -41,6 +41,7 @@ class AffectedFile:
     object: str  # hex id of its manifest (file) or tree (folder)
     commits: list[str] = field(default_factory=list)  # hex ids of the commits that contain it, newest first
     refs: list[str] = field(default_factory=list)  # refs (or "HEAD") whose current head contains it
+    history_refs: list[str] = field(default_factory=list)  # refs (or "HEAD") whose history contains it
 
 
 @dataclass
@@ -155,8 +156,9 @@ def _forget_corrupt(repo: Repository, report: FsckReport) -> int:
 def _affected_files(repo: Repository, damaged: set[bytes]) -> list[AffectedFile]:
     """Return every file or folder version, in the history of every head, that needs a damaged object.
 
-    Each distinct tree and manifest is decoded once, so the walk costs about
-    as much as one pass over the stored history.
+    Each distinct commit, tree and manifest is decoded once. The history is
+    walked once per head, but a commit seen before costs only dictionary
+    lookups, since its tree's result is cached.
     """
     heads: dict[bytes, list[str]] = {}
     for state in _ref_states_or_none(repo):
@@ -169,32 +171,48 @@ def _affected_files(repo: Repository, damaged: set[bytes]) -> list[AffectedFile]
 
     bad_below: dict[bytes, list[tuple[str, bytes]]] = {}  # tree id -> (relative path, object id) needing a damaged object
     bad_manifest: dict[bytes, bool] = {}
-    found: dict[tuple[str, bytes], tuple[AffectedFile, list[tuple[int, str]]]] = {}
-    seen: set[bytes] = set()
-    stack = list(heads)
-    while stack:
-        commit_id = stack.pop()
-        if commit_id in seen or commit_id in damaged:
-            continue  # a damaged commit is a problem of its own, and its history cannot be read
-        seen.add(commit_id)
-        try:
-            commit = repo.store.get_object(commit_id)
-        except CorruptionError:
-            continue
-        if not isinstance(commit, model.Commit):
-            continue
-        stack.extend(commit.parents)
-        for path, oid in _bad_paths(repo, commit.tree, damaged, bad_below, bad_manifest):
-            path = path or "/"  # the root tree itself
-            affected, commits = found.setdefault((path, oid), (AffectedFile(path, oid.hex()), []))
-            commits.append((commit.time_ms, commit_id.hex()))
-            affected.refs.extend(r for r in heads.get(commit_id, ()) if r not in affected.refs)
+    commits: dict[bytes, model.Commit | None] = {}  # None: damaged, missing or not a commit
+    found: dict[tuple[str, bytes], tuple[AffectedFile, dict[str, int]]] = {}  # value: (file, commit hex -> time)
+    # One walk per head, so each version learns which refs have it in their history; the
+    # caches above keep each commit, tree and manifest to one read.
+    for head_id, names in heads.items():
+        seen: set[bytes] = set()
+        stack = [head_id]
+        while stack:
+            commit_id = stack.pop()
+            if commit_id in seen or commit_id in damaged:
+                continue  # a damaged commit is a problem of its own, and its history cannot be read
+            seen.add(commit_id)
+            commit = _cached_commit(repo, commit_id, commits)
+            if commit is None:
+                continue
+            stack.extend(commit.parents)
+            for path, oid in _bad_paths(repo, commit.tree, damaged, bad_below, bad_manifest):
+                path = path or "/"  # the root tree itself
+                affected, times = found.setdefault((path, oid), (AffectedFile(path, oid.hex()), {}))
+                times[commit_id.hex()] = commit.time_ms
+                for ref in names:
+                    if commit_id == head_id and ref not in affected.refs:
+                        affected.refs.append(ref)
+                    if ref not in affected.history_refs:
+                        affected.history_refs.append(ref)
     result = []
-    for affected, commits in found.values():
-        affected.commits = [hex_id for _time, hex_id in sorted(commits, reverse=True)]
+    for affected, times in found.values():
+        affected.commits = sorted(times, key=lambda hex_id: times[hex_id], reverse=True)
         affected.refs.sort()
+        affected.history_refs.sort()
         result.append(affected)
     return sorted(result, key=lambda a: a.path)
+
+
+def _cached_commit(repo: Repository, commit_id: bytes, cache: dict[bytes, model.Commit | None]) -> model.Commit | None:
+    if commit_id not in cache:
+        try:
+            obj = repo.store.get_object(commit_id)
+        except CorruptionError:
+            obj = None
+        cache[commit_id] = obj if isinstance(obj, model.Commit) else None
+    return cache[commit_id]
 
 
 def _ref_states_or_none(repo: Repository):
