@@ -23,7 +23,7 @@ import pytest
 
 from p2pvc.errors import CorruptionError, SignatureError, UserError
 from p2pvc.identity.keys import load_or_create
-from p2pvc.ops import bundle, maintenance, worktree_ops
+from p2pvc.ops import bundle, fsck, maintenance, worktree_ops
 from p2pvc.refs import membership
 from p2pvc.refs.records import encode_repository
 from p2pvc.protocol.messages import MAX_FRAME
@@ -89,7 +89,7 @@ def test_bundle_round_trip(replicas: Replicas) -> None:
     assert [(c.name, c.old, c.new) for c in report.changes] == [(MAIN, None, first)]
     assert ref_states(replicas.b) == ref_states(replicas.a)
     assert replicas.b.identity.public_key in replicas.b.refs.members().current
-    assert maintenance.fsck(replicas.b).ok
+    assert fsck.fsck(replicas.b).ok
     worktree_ops.checkout(replicas.b, "main", force=True)
     assert (replicas.b.worktree / "model.bin").read_bytes() == checkpoint(600_000, 1)
 
@@ -122,7 +122,7 @@ def test_bundle_since_leaves_out_held(replicas: Replicas) -> None:
     report = bundle.apply_bundle(replicas.b, incremental)
     assert [(c.name, c.new) for c in report.changes] == [(MAIN, second)]
     assert ref_states(replicas.b) == ref_states(replicas.a)
-    assert maintenance.fsck(replicas.b).ok
+    assert fsck.fsck(replicas.b).ok
 
 
 def test_bundle_of_one_branch(replicas: Replicas) -> None:

@@ -20,7 +20,7 @@ import pytest
 from p2pvc.errors import ConflictError, UserError
 from p2pvc.identity.keys import Identity, load_or_create
 from p2pvc.objects import model
-from p2pvc.ops import history, maintenance, worktree_ops
+from p2pvc.ops import fsck, history, maintenance, worktree_ops
 from p2pvc.ops import merge as merge_ops
 from p2pvc.ops.conflicts import list_conflicts, pending_merge, resolve_ref
 from p2pvc.repo import Repository
@@ -371,7 +371,7 @@ def test_merge_keeps_both_heads_reachable(repo: Repository) -> None:
     assert repo.store.has(ours_id)
     assert repo.store.has(theirs_id)
     assert repo.is_ancestor(theirs_id, result.commit)
-    assert maintenance.fsck(repo).ok
+    assert fsck.fsck(repo).ok
 
 
 def test_merge_up_to_date_and_fast_forward(repo: Repository) -> None:

@@ -23,7 +23,7 @@ from p2pvc.node.pull import pull
 from p2pvc.node.server import RepoServer
 from p2pvc.node.streams import memory_stream_pair
 from p2pvc.ops.history import diff
-from p2pvc.ops.maintenance import fsck
+from p2pvc.ops.fsck import fsck
 from p2pvc.ops.worktree_ops import checkout, commit
 from p2pvc.repo import Repository
 

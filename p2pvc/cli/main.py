@@ -848,7 +848,7 @@ def fsck(
     as_json: JsonOption = False,
 ) -> None:
     """Rehash every stored object and verify every signature; name anything corrupt."""
-    from p2pvc.ops.maintenance import fsck as run_fsck
+    from p2pvc.ops.fsck import fsck as run_fsck
 
     repo = _open()
     report = run_fsck(repo, _progress(), repair=repair)
