@@ -227,6 +227,20 @@ def open_repository(root: Path) -> Iterator[Repository]:
         repo.close()
 
 
+def damage_every_chunk(root: Path) -> int:
+    """Flip one byte in the stored data of every chunk kept uncompressed; return how many were damaged."""
+    with open_repository(root) as repo:
+        entries = [e for e in repo.store.iter_entries() if e.kind == KIND_CHUNK and e.codec == CODEC_RAW]
+        packs_dir = repo.store.packs_dir
+    for entry in entries:
+        with open(packs_dir / entry.pack_name, "r+b") as pack:
+            pack.seek(entry.offset + RECORD_HEADER.size)
+            byte = pack.read(1)
+            pack.seek(entry.offset + RECORD_HEADER.size)
+            pack.write(bytes([byte[0] ^ 0xFF]))
+    return len(entries)
+
+
 def damage_chunk(root: Path) -> tuple[bytes, str]:
     """Flip one byte inside the stored data of a chunk kept uncompressed, and return
     the chunk id and the BLAKE3 hex digest of the damaged bytes.

@@ -32,6 +32,7 @@ from conftest import (
     build_template,
     clear_worktree,
     damage_chunk,
+    damage_every_chunk,
     hash_file,
     open_repository,
     random_bytes,
@@ -1025,6 +1026,20 @@ def test_fsck_names_refs_of_old_version(stored_repo: Cli, worktree: Path) -> Non
 
     text = stored_repo.run("fsck").stdout
     assert f"  data.bin in {first[:12]}; in the history of refs/heads/main" in text.splitlines()
+
+
+def test_fsck_text_limits_long_lists(repo_cli: Cli, worktree: Path) -> None:
+    for index in range(60):
+        write_file(worktree / f"shard-{index:02}.bin", random_bytes(2 * KIB, f"shard {index}"))
+    repo_cli.commit("sixty shards")
+    damaged = damage_every_chunk(worktree)
+    assert damaged >= 60
+
+    text = repo_cli.run("fsck").stdout.splitlines()
+    assert sum(line.startswith("corrupt ") for line in text) == 50
+    assert f"... and {damaged - 50} more problem(s) (fsck --json lists them all)" in text
+    assert f"  ... and {damaged - 20} more (fsck --json lists them all)" in text
+    assert len(repo_cli.run("fsck", "--json").json()["problems"]) == damaged
 
 
 def test_fsck_repair_then_add_restores(stored_repo: Cli, worktree: Path) -> None:

@@ -836,6 +836,10 @@ app.add_typer(peer_app, name="peer")
 # Maintenance -----------------------------------------------------------------------------
 
 
+PROBLEMS_SHOWN = 50  # problems listed as text (a damaged pack can give thousands); --json lists all
+AFFECTED_SHOWN = 20  # files listed as text; --json lists all
+
+
 @app.command()
 def fsck(
     repair: Annotated[
@@ -866,10 +870,12 @@ def fsck(
             }
         )
     else:
-        for p in report.problems:
+        for p in report.problems[:PROBLEMS_SHOWN]:
             typer.echo(f"{p.kind} {p.object}: {p.message}")
             if p.expected is not None or p.actual is not None:
                 typer.echo(f"  expected {p.expected}\n  actual   {p.actual}")
+        if len(report.problems) > PROBLEMS_SHOWN:
+            typer.echo(f"... and {len(report.problems) - PROBLEMS_SHOWN} more problem(s) (fsck --json lists them all)")
         _echo_affected(report.affected)
         typer.echo(
             f"checked {report.objects_checked} object(s), {output.human_bytes(report.bytes_checked)}, "
@@ -890,9 +896,6 @@ def fsck(
             typer.echo(f"hint: to store good copies of what is damaged or missing, {where}")
     if not report.ok:
         raise typer.Exit(5)
-
-
-AFFECTED_SHOWN = 20  # files listed as text; --json lists all
 
 
 def _echo_affected(affected) -> None:
