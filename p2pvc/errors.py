@@ -65,6 +65,10 @@ class SignatureError(CorruptionError):
     exit_code = 7
 
 
+class InvalidSignatureError(SignatureError):
+    """A signature does not verify at all: whoever sent the signed data forged or damaged it."""
+
+
 class PeerError(P2pvcError):
     """A remote peer is unreachable or broke the protocol."""
 

@@ -604,9 +604,12 @@ def test_forged_ref_update_rejected(make_node):
 
     result = fetcher.run("sync", "--json", server.address)
 
+    assert result.returncode == EXIT_PEER, result.describe()
     assert "refs/heads/forged" not in fetcher.refs()
-    assert "invalid signature" in json.dumps(sync_report(result, forger.peer_id)), result.describe()
-    warnings = [line for line in result.stderr.splitlines() if "invalid signature" in line]
+    report = sync_report(result, forger.peer_id)
+    assert f"peer {forger.peer_id} sent a forged record" in (report["error"] or ""), result.describe()
+    assert "invalid signature" in report["error"], result.describe()
+    warnings = [line for line in result.stderr.splitlines() if "sent a forged record" in line]
     assert len(warnings) == 1, result.describe()
     assert forger.peer_id in warnings[0], result.describe()
     assert server.stop() <= STOP_LIMIT_S

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 
 import trio
 
-from p2pvc.errors import CorruptionError, P2pvcError, PeerError
+from p2pvc.errors import CorruptionError, InvalidSignatureError, P2pvcError, PeerError
 from p2pvc.identity.keys import verify
 from p2pvc.node.client import PeerClient
 from p2pvc.objects import model
 from p2pvc.progress import NULL_PROGRESS, Progress
 from p2pvc.protocol import messages as m
-from p2pvc.protocol.messages import MEMBERS_KEY
 from p2pvc.refs import membership
 from p2pvc.refs.records import RefUpdate, decode_ref_update
 from p2pvc.repo import Repository
@@ -151,6 +150,8 @@ def _apply_members_and_parse(repo: Repository, records: list[bytes], report: Pul
                 member_record = membership.decode(record)
                 if not repo.refs.has_membership(member_record.id) and repo.refs.add_membership_verified(member_record):
                     report.members_applied += 1
+            except InvalidSignatureError as exc:
+                raise _forged(report, exc) from exc
             except CorruptionError as exc:
                 report.updates_rejected.append(f"membership record: {exc.message}")
                 log.warning("rejected a membership record from %s: %s", report.peer, exc.message)
@@ -163,6 +164,8 @@ def _apply_members_and_parse(repo: Repository, records: list[bytes], report: Pul
             if repo.refs.has_update(update.id):
                 continue
             repo.refs.check_acceptable(update)
+        except InvalidSignatureError as exc:
+            raise _forged(report, exc) from exc
         except CorruptionError as exc:
             report.updates_rejected.append(exc.message)
             log.warning("rejected a ref update from %s: %s", report.peer, exc.message)
@@ -170,6 +173,15 @@ def _apply_members_and_parse(repo: Repository, records: list[bytes], report: Pul
         report.updates_received += 1
         updates.append(update)
     return updates
+
+
+def _forged(report: PullReport, exc: InvalidSignatureError) -> MisbehavingPeer:
+    """Drop a peer that sent a record whose signature does not verify.
+
+    Every node verifies records before it stores them, so an honest peer
+    never holds one, unlike a record of a signer who is not a member yet.
+    """
+    return MisbehavingPeer(f"peer {report.peer} sent a forged record: {exc.message}")
 
 
 def _is_membership(record: bytes) -> bool:

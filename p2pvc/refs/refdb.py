@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from collections.abc import Callable
 
-from p2pvc.errors import ConflictError, CorruptionError, SignatureError, UserError
+from p2pvc.errors import ConflictError, CorruptionError, InvalidSignatureError, SignatureError, UserError
 from p2pvc.identity.keys import Identity, verify
 from p2pvc.refs import hlc, membership
 from p2pvc.refs.membership import Members, MembershipRecord, compute_members
@@ -106,7 +106,7 @@ class RefDB:
         if record.repo != self.repo_id:
             raise CorruptionError(f"membership record {record.id.hex()[:12]} belongs to another repository")
         if not verify(record.author, record.signature, record.signing_payload()):
-            raise SignatureError(f"membership record {record.id.hex()[:12]} has an invalid signature")
+            raise InvalidSignatureError(f"membership record {record.id.hex()[:12]} has an invalid signature")
 
     # Reading ------------------------------------------------------------
 
@@ -267,7 +267,7 @@ class RefDB:
         if update.repo != self.repo_id:
             raise CorruptionError(f"ref update {update.id.hex()[:12]} belongs to another repository")
         if not verify(update.author, update.signature, update.signing_payload()):
-            raise SignatureError(f"ref update {update.id.hex()[:12]} of {update.name} has an invalid signature")
+            raise InvalidSignatureError(f"ref update {update.id.hex()[:12]} of {update.name} has an invalid signature")
         if update.author not in self.members().at(update.clock):
             raise SignatureError(
                 f"ref update {update.id.hex()[:12]} of {update.name} is signed by {update.author.hex()[:16]}, "
