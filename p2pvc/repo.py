@@ -224,7 +224,8 @@ class Repository:
         if self.identity.public_key not in self.refs.members().current:
             raise UserError(
                 "you are not a member of this repository, so your commits would be rejected by every peer",
-                hint="show your key with p2pvc id and ask a member to run: p2pvc member add KEY",
+                hint="show your key with p2pvc id and ask a member to run: p2pvc member add KEY; "
+                "if one already has, run p2pvc sync to receive that record",
             )
 
     def set_ref(

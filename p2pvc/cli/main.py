@@ -121,7 +121,7 @@ def init(
 
 @app.command("id")
 def show_id(as_json: JsonOption = False) -> None:
-    """Show your public key and its fingerprint (creates the key on first use)."""
+    """Show your public key, fingerprint, libp2p peer id and address (creates the key on first use)."""
     from p2pvc.identity.keys import KEY_FILE_NAME, home_dir, load_or_create
 
     from p2pvc.identity.peerid import peer_id

@@ -199,7 +199,8 @@ class RefDB:
         if identity.public_key not in self.members().current:
             raise UserError(
                 "you are not a member of this repository, so your updates would be rejected by every peer",
-                hint="show your key with p2pvc id and ask a member to run: p2pvc member add KEY",
+                hint="show your key with p2pvc id and ask a member to run: p2pvc member add KEY; "
+                "if one already has, run p2pvc sync to receive that record",
             )
         with self.db.write() as conn:
             current = self.state(name, is_ancestor, conn)
