@@ -838,6 +838,7 @@ app.add_typer(peer_app, name="peer")
 
 PROBLEMS_SHOWN = 50  # problems listed as text (a damaged pack can give thousands); --json lists all
 AFFECTED_SHOWN = 20  # files listed as text; --json lists all
+PROBLEM_ORDER = {"commit": 1, "tree": 2, "manifest": 3, "chunk": 4}  # others (signatures, records) come first
 
 
 @app.command()
@@ -870,7 +871,9 @@ def fsck(
             }
         )
     else:
-        for p in report.problems[:PROBLEMS_SHOWN]:
+        # History objects first: one damaged commit matters more than many damaged chunks.
+        shown = sorted(report.problems, key=lambda p: PROBLEM_ORDER.get(p.object_kind or "", 0))[:PROBLEMS_SHOWN]
+        for p in shown:
             typer.echo(f"{p.kind} {p.object}: {p.message}")
             if p.expected is not None or p.actual is not None:
                 typer.echo(f"  expected {p.expected}\n  actual   {p.actual}")
