@@ -66,7 +66,7 @@ class SignatureError(CorruptionError):
 
 
 class InvalidSignatureError(SignatureError):
-    """A signature does not verify at all: whoever sent the signed data forged or damaged it."""
+    """A signature does not verify at all: the signed data was forged or damaged."""
 
 
 class PeerError(P2pvcError):

@@ -179,7 +179,7 @@ def _forged(report: PullReport, exc: InvalidSignatureError) -> MisbehavingPeer:
     """Drop a peer that sent a record whose signature does not verify.
 
     Every node verifies records before it stores them, so an honest peer
-    never holds one, unlike a record of a signer who is not a member yet.
+    never stores one, unlike a record of a signer who is not a member yet.
     """
     return MisbehavingPeer(f"peer {report.peer} sent a forged record: {exc.message}")
 
