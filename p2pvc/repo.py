@@ -219,6 +219,10 @@ class Repository:
                     states.append(state)
         return states
 
+    def live_ref_count(self) -> int:
+        """Return the number of refs, without deleted ones, whose records stay in the database."""
+        return len(self.ref_states())
+
     def require_member(self) -> None:
         """Fail early, before any work, if the local identity may not write to this repository."""
         if self.identity.public_key not in self.refs.members().current:

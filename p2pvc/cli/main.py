@@ -766,8 +766,7 @@ def clone(
         run_checkout(repo, "main", force=True)
     typer.echo(f"Cloned repository {repo.id.hex()[:12]} into {repo.worktree}")
     if report.pulled:
-        live_refs = sum(1 for state in repo.ref_states() if not state.deleted)
-        typer.echo(f"  {live_refs} ref(s), {output.human_bytes(report.pulled.bytes_fetched)} fetched")
+        typer.echo(f"  {repo.live_ref_count()} ref(s), {output.human_bytes(report.pulled.bytes_fetched)} fetched")
     if repo.identity.public_key not in repo.refs.members().current:
         typer.echo(
             "  You are not a member yet: send the key from `p2pvc id` to a member, who runs "
@@ -872,8 +871,8 @@ def fsck(
         )
     else:
         # History objects first: one damaged commit matters more than many damaged chunks.
-        shown = sorted(report.problems, key=lambda p: PROBLEM_ORDER.get(p.object_kind or "", 0))[:PROBLEMS_SHOWN]
-        for p in shown:
+        ordered = sorted(report.problems, key=lambda p: PROBLEM_ORDER.get(p.object_kind or "", 0))
+        for p in ordered[:PROBLEMS_SHOWN]:
             typer.echo(f"{p.kind} {p.object}: {p.message}")
             if p.expected is not None or p.actual is not None:
                 typer.echo(f"  expected {p.expected}\n  actual   {p.actual}")

@@ -91,8 +91,7 @@ class Node:
                 await self._announce_new(repo, exclude=peer_id)
             if push:
                 report.pushed_records = await self._push(client, repo)
-            live_refs = sum(1 for state in repo.ref_states() if not state.deleted)  # deleted branches keep records
-            SyncState(repo.db).record_contact(peer_id, error=None, refs=live_refs)
+            SyncState(repo.db).record_contact(peer_id, error=None, refs=repo.live_ref_count())
         except (P2pvcError, m.ProtocolViolation) as exc:
             text = exc.message if isinstance(exc, P2pvcError) else f"protocol violation: {exc}"
             report.error = text

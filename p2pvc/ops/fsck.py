@@ -148,8 +148,8 @@ def _forget_corrupt(repo: Repository, report: FsckReport) -> int:
     with repo.db.write() as conn:
         conn.executemany("DELETE FROM objects WHERE id = ?", corrupt)
         conn.executemany("DELETE FROM stat_cache WHERE manifest = ?", manifests)
-        # A pull skips the history of a commit marked complete, so no mark may outlive
-        # a dropped object; the next pull walks the history once and marks again.
+        # A pull skips the history of a commit marked complete, so no mark may outlive a
+        # dropped object. The next pull walks the history once and marks the commits again.
         conn.execute("DELETE FROM complete_commits")
     return len(corrupt)
 
@@ -174,8 +174,8 @@ def _affected_files(repo: Repository, damaged: set[bytes]) -> list[AffectedFile]
     bad_manifest: dict[bytes, bool] = {}
     commits: dict[bytes, model.Commit | None] = {}  # None: damaged, missing or not a commit
     found: dict[tuple[str, bytes], tuple[AffectedFile, dict[str, int]]] = {}  # value: (file, commit hex -> time)
-    # One walk per head, so each version learns which refs have it in their history; the
-    # caches above keep each commit, tree and manifest to one read.
+    # One walk per head, so that each version learns which refs have it in their history.
+    # The caches above keep each commit, tree and manifest to one read.
     for head_id, names in heads.items():
         seen: set[bytes] = set()
         stack = [head_id]
